@@ -1,0 +1,1 @@
+"""Raw product catalogues -> TFDS array_record datasets -> Grain batches."""

@@ -1,0 +1,218 @@
+"""The Grain input pipeline: TFDS array_record -> fixed-shape numpy batches for all five modalities.
+
+Per modality m a batch holds
+  {m}_input   tokens (int32 [B, L]) or patches/frames (float32 [B, N, P]); tokens already corrupted
+              for MLM/MEM, patches clean (the model swaps masked ones for a learned embedding);
+  {m}_valid   bool [B, L]: real positions (not padding);
+  {m}_masked  bool [B, L]: positions the masked objective predicts (training batches only);
+  {m}_target  int32 [B, L]: the original tokens (token modalities, training batches only);
+plus `present` bool [B, 5] (MODALITIES order), `label` and `instance` int32 [B].
+
+Everything here is numpy: it runs in Grain worker processes, which must not touch JAX devices.
+"""
+import dataclasses
+import os
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from scale_jax import MODALITIES
+from scale_jax.data import build, media, tokenizer
+
+TOKEN_MODALITIES = ('text', 'table')
+
+
+def open_split(data_dir: str, split: str):
+  """Random-access source over one split of a dataset written by scale_jax.data.build."""
+  path = build.dataset_dir(data_dir)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f'{path}: no dataset here; build one with '
+        f'`python -m scale_jax.data.build --raw RAW_DIR --out {data_dir}`')
+  return tfds.builder_from_directory(path).as_data_source(split=split)
+
+
+def vocab_size(data_dir: str) -> int:
+  return tokenizer.load_tokenizer(build.tokenizer_path(data_dir)).vocab_size()
+
+
+def patchify(x: np.ndarray, ph: int, pw: int) -> np.ndarray:
+  """[H, W, C] -> [(H/ph) * (W/pw), ph * pw * C], row-major over patches."""
+  h, w, c = x.shape
+  x = x.reshape(h // ph, ph, w // pw, pw, c).transpose(0, 2, 1, 3, 4)
+  return x.reshape((h // ph) * (w // pw), ph * pw * c)
+
+
+def _pad_tokens(tokens, length):
+  out = np.full(length, tokenizer.PAD, np.int32)
+  tokens = tokens[:length]
+  out[:len(tokens)] = tokens
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess(grain.transforms.Map):
+  """Decodes one stored example into the fixed-shape arrays of the module docstring.
+
+  `cfg` is the plain-dict form of the config's modality sections (picklable for workers).
+  """
+  cfg: dict
+
+  def map(self, ex):
+    cfg, present = self.cfg, np.array(ex['present'], bool)
+    out = {'present': present, 'label': np.int32(ex['label']),
+           'instance': np.int32(ex['instance_id'])}
+    # Text: [CLS] caption [SEP], truncated to the config length.
+    n = cfg['text']['max_len']
+    caption = list(ex['caption_tokens'][:n - 2])
+    out['text_input'] = _pad_tokens([tokenizer.CLS] + caption + [tokenizer.SEP], n)
+    # Table: [CLS] k1 v1 [SEP] k2 v2 [SEP] ..., with the entity of each token kept for MEM.
+    n = cfg['table']['max_len']
+    out['table_input'] = _pad_tokens([tokenizer.CLS] + list(ex['table_tokens']), n)
+    out['table_entities'] = _pad_tokens([0] + list(ex['table_entities']), n)
+    for m in TOKEN_MODALITIES:
+      out[f'{m}_valid'] = out[f'{m}_input'] != tokenizer.PAD
+      out[f'{m}_valid'] &= present[MODALITIES.index(m)]
+    # Image: resized, scaled to [-1, 1], cut into patches.
+    c = cfg['image']
+    if present[MODALITIES.index('image')]:
+      img = media.decode_image(ex['image'], c['size']) * 2 - 1
+    else:
+      img = np.zeros((c['size'], c['size'], 3), np.float32)
+    out['image_input'] = patchify(img, c['patch'], c['patch'])
+    # Video: about one frame a second, each frame a token.
+    c = cfg['video']
+    frames, count = np.zeros((c['num_frames'], c['frame_size'], c['frame_size'], 3), np.float32), 0
+    if present[MODALITIES.index('video')]:
+      frames, count = media.decode_video(ex['video'], c['num_frames'], c['frame_size'], c['fps'])
+      frames[:count] = frames[:count] * 2 - 1
+    out['video_input'] = frames.reshape(c['num_frames'], -1)
+    out['video_valid'] = np.arange(c['num_frames']) < count
+    # Audio: log-mel spectrogram, standardised per clip, cut into time x frequency patches.
+    c = cfg['audio']
+    spec = np.zeros((c['frames'], c['n_mels']), np.float32)
+    if present[MODALITIES.index('audio')]:
+      wave = media.decode_audio(ex['audio'], c['sample_rate'], c['seconds'])
+      mel = media.log_mel(wave, c['sample_rate'], c['n_fft'], c['hop'], c['n_mels'])[:c['frames']]
+      spec[:len(mel)] = (mel - mel.mean()) / (mel.std() + 1e-5)
+    out['audio_input'] = patchify(spec[..., None], c['patch_time'], c['patch_freq'])
+    for m in ('image', 'audio'):
+      out[f'{m}_valid'] = np.full(len(out[f'{m}_input']), present[MODALITIES.index(m)])
+    out['video_valid'] &= present[MODALITIES.index('video')]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Mask(grain.transforms.RandomMap):
+  """Draws the masks of the five masked objectives. Grain seeds `rng` from (seed, record index),
+  and the index grows with the epoch under repeat(), so masks are reproducible and differ per
+  epoch."""
+  cfg: dict
+  vocab_size: int
+
+  def random_map(self, ex, rng):
+    ex = dict(ex)
+    for m in MODALITIES:
+      rate, valid = self.cfg[m]['mask_rate'], ex[f'{m}_valid']
+      if m == 'text':  # MLM: 15% of word pieces, never [CLS]/[SEP]
+        maskable = valid & (ex['text_input'] != tokenizer.CLS) & (ex['text_input'] != tokenizer.SEP)
+        masked = maskable & (rng.random(valid.shape) < rate)
+      elif m == 'table':  # MEM: 15% of key/value pairs; all tokens of the key, or of the value
+        entities = np.where(valid, ex.pop('table_entities'), 0)
+        pairs = np.unique((entities[entities > 0] + 1) // 2)
+        chosen = pairs[rng.random(len(pairs)) < rate]
+        value_side = rng.random(len(chosen)) < 0.5
+        masked = np.isin(entities, 2 * chosen - 1 + value_side)
+      else:
+        masked = valid & (rng.random(valid.shape) < rate)
+      ex[f'{m}_masked'] = masked
+      if m in TOKEN_MODALITIES:  # 80% [MASK], 10% a random token, 10% unchanged
+        tokens = ex[f'{m}_input']
+        ex[f'{m}_target'] = tokens
+        u = rng.random(tokens.shape)
+        random_tokens = rng.integers(len(tokenizer.SPECIAL_IDS), self.vocab_size, tokens.shape)
+        tokens = np.where(masked & (u < 0.8), tokenizer.MASK, tokens)
+        ex[f"{m}_input"] = np.where(masked & (u >= 0.8) & (u < 0.9), random_tokens,
+                                   tokens).astype(np.int32)
+    return ex
+
+
+def token_counts(config) -> dict:
+  """Tokens per modality, the global token included (text and table: [CLS] is the global one)."""
+  return {'text': config.text.max_len, 'table': config.table.max_len,
+          'image': (config.image.size // config.image.patch) ** 2 + 1,
+          'video': config.video.num_frames + 1,
+          'audio': (config.audio.frames // config.audio.patch_time)
+                   * (config.audio.n_mels // config.audio.patch_freq) + 1}
+
+
+def patch_dims(config) -> dict:
+  """Feature size of one patch/frame of each continuous modality (what MRM/MFP/MAM regress)."""
+  return {'image': config.image.patch ** 2 * 3, 'video': config.video.frame_size ** 2 * 3,
+          'audio': config.audio.patch_time * config.audio.patch_freq}
+
+
+def dummy_batch(config, batch_size: int, train: bool = True) -> dict:
+  """A batch of zeros with the shapes and dtypes of real ones (model init, AOT compilation)."""
+  counts, dims, spec = token_counts(config), patch_dims(config), {}
+  for m in MODALITIES:
+    length = counts[m] - (m not in TOKEN_MODALITIES)  # continuous inputs have no global token yet
+    if m in TOKEN_MODALITIES:
+      spec[f'{m}_input'] = ((length,), np.int32)
+      if train:
+        spec[f'{m}_target'] = ((length,), np.int32)
+    else:
+      spec[f'{m}_input'] = ((length, dims[m]), np.float32)
+    spec[f'{m}_valid'] = ((length,), np.bool_)
+    if train:
+      spec[f'{m}_masked'] = ((length,), np.bool_)
+  spec.update(present=((len(MODALITIES),), np.bool_), label=((), np.int32), instance=((), np.int32))
+  return {k: np.zeros((batch_size,) + shape, dtype) for k, (shape, dtype) in spec.items()}
+
+
+def _plain(config) -> dict:
+  return {m: dict(config[m]) for m in MODALITIES}
+
+
+def _read_options(config):
+  return grain.ReadOptions(num_threads=config.data.read_threads,
+                           prefetch_buffer_size=config.data.prefetch)
+
+
+def train_dataset(config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Endless shuffled training batches of this process's share (batch_size / process_count).
+
+  Global shuffle of the whole split (reshuffled every epoch), then each process takes every
+  process_count-th record, so shares are disjoint and together cover the split.
+  """
+  if config.batch_size % process_count:
+    raise ValueError(f'batch_size {config.batch_size} does not split over {process_count} processes')
+  source = open_split(config.data.dir, 'train')
+  ds = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat()
+  ds = ds[process_index::process_count]
+  ds = ds.map(Preprocess(_plain(config)))
+  ds = ds.random_map(Mask(_plain(config), config.model.vocab_size), seed=config.seed)
+  ds = ds.to_iter_dataset(_read_options(config))
+  ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
+  workers = config.data.num_workers
+  if workers < 0:  # auto: leave the cores to the train step on small machines
+    workers = max(0, (os.cpu_count() or 1) // 4)
+  if workers:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return ds
+
+
+def eval_batches(config, split: str, batch_size: int):
+  """One pass over a split without masks: yields (batch, number of real examples); the last
+  batch is padded to batch_size (padding has present all False) so every batch has one shape."""
+  source = open_split(config.data.dir, split)
+  ds = grain.MapDataset.source(source).map(Preprocess(_plain(config)))
+  ds = ds.to_iter_dataset(_read_options(config)).batch(batch_size)
+  for batch in ds:
+    del batch['table_entities']  # only the MEM masking needs it
+    n = len(batch['label'])
+    if n < batch_size:
+      batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+               for k, v in batch.items()}
+    yield batch, n

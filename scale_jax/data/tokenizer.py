@@ -1,0 +1,43 @@
+"""The sentencepiece tokenizer shared by captions and tables (one vocabulary, as in the paper)."""
+import io
+
+import sentencepiece as spm
+
+PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4  # ids fixed by train_tokenizer
+SPECIAL_IDS = (PAD, UNK, CLS, SEP, MASK)
+
+
+def train_tokenizer(sentences, model_path: str, vocab_size: int) -> spm.SentencePieceProcessor:
+  """Trains a unigram model on the sentences and writes it to model_path.
+
+  vocab_size is an upper bound: a small corpus gets a smaller vocabulary.
+  """
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+      model_type='unigram', character_coverage=0.9995, hard_vocab_limit=False,
+      pad_id=PAD, pad_piece='[PAD]', unk_id=UNK, bos_id=-1, eos_id=-1,
+      user_defined_symbols=['[CLS]', '[SEP]', '[MASK]'], minloglevel=2)
+  with open(model_path, 'wb') as f:
+    f.write(model.getvalue())
+  return load_tokenizer(model_path)
+
+
+def load_tokenizer(model_path: str) -> spm.SentencePieceProcessor:
+  tok = spm.SentencePieceProcessor(model_file=model_path)
+  assert [tok.id_to_piece(i) for i in (PAD, CLS, SEP, MASK)] == ['[PAD]', '[CLS]', '[SEP]', '[MASK]']
+  return tok
+
+
+def encode_table(tok: spm.SentencePieceProcessor, pairs) -> tuple[list[int], list[int]]:
+  """Tokens `k1 v1 [SEP] k2 v2 [SEP] ...` and, per token, its entity: 2i+1 for the key of pair i,
+  2i+2 for its value, 0 for [SEP]. MEM masks whole entities through these ids."""
+  tokens, entities = [], []
+  for i, (key, value) in enumerate(pairs):
+    for entity, text in ((2 * i + 1, key), (2 * i + 2, value)):
+      ids = tok.encode(text)
+      tokens += ids
+      entities += [entity] * len(ids)
+    tokens.append(SEP)
+    entities.append(0)
+  return tokens, entities

@@ -1,0 +1,1 @@
+"""SCALE in Flax linen."""

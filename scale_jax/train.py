@@ -1,0 +1,214 @@
+r"""Pretrains SCALE. Read top to bottom: setup, mesh, data, model and optimizer, sharded init,
+train step, checkpoint restore, loop.
+
+    python -m scale_jax.train --config configs/demo.py --workdir DIR [--config.x=y ...]
+
+Resumes from the latest checkpoint in DIR/checkpoints when there is one (parameters, optimizer
+state, step and the input pipeline's position). Writes DIR/metrics.jsonl and TensorBoard events
+under DIR/tensorboard.
+"""
+import functools
+import json
+import os
+import time
+
+import flax
+import grain
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+from absl import app, flags, logging
+from flax import linen as nn
+from ml_collections import FrozenConfigDict, config_flags
+
+from scale_jax import losses, sharding
+from scale_jax.data import pipeline
+from scale_jax.model.scale import Scale
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+
+
+def make_optimizer(config):
+  """AdamW with linear warm-up then cosine decay, global-norm clipping, and no weight decay on
+  biases, norms and embeddings (only on `kernel`s)."""
+  o = config.optimizer
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, o.lr, o.warmup_steps, max(config.total_steps, o.warmup_steps + 1), o.lr * 0.01)
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: 'kernel' in jax.tree_util.keystr(path), params)
+  tx = optax.chain(optax.clip_by_global_norm(o.clip_norm),
+                   optax.adamw(schedule, o.b1, o.b2, weight_decay=o.weight_decay,
+                               mask=decay_mask))
+  return tx, schedule
+
+
+def build_model(config):
+  return Scale(FrozenConfigDict(config))
+
+
+def sharded_state_init(model, tx, config, mesh):
+  """Returns (jitted init producing a sharded TrainState from a PRNG key, its shardings).
+
+  Shapes come from jax.eval_shape, so no full copy of the model ever lands on one device.
+  """
+  batch = pipeline.dummy_batch(config, 2)
+
+  def init_boxed(rng):  # parameters carry their logical axis names (nn.Partitioned boxes)
+    params = model.init(rng, batch)['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  abstract = jax.eval_shape(init_boxed, jax.random.key(0))
+  shardings = sharding.tree_shardings(mesh, abstract)
+  init = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=shardings)
+  return init, shardings
+
+
+def checkpoint_manager(workdir, config):
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.checkpoint_keep, save_interval_steps=config.checkpoint_every,
+          enable_async_checkpointing=True),
+      item_names=('state', 'data'))
+
+
+def abstract_like(state, shardings):
+  """Restore targets: shapes, dtypes and the shardings of *this* run's mesh."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, shardings)
+
+
+class MetricsWriter:
+  """metrics.jsonl (one object per logged step) and TensorBoard events; process 0 only."""
+
+  def __init__(self, workdir):
+    self.active = jax.process_index() == 0
+    if self.active:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step, metrics):
+    if not self.active:
+      return
+    self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
+    self.jsonl.flush()
+    for k, v in metrics.items():
+      self.tb.add_scalar(k, v, step)
+    self.tb.flush()
+
+  def close(self):
+    if self.active:
+      self.jsonl.close()
+      self.tb.close()
+
+
+def train_and_evaluate(config, workdir):
+  # ----------------------------------------------------------------------------------------------
+  # Setup.
+  os.makedirs(workdir, exist_ok=True)
+  data_vocab = pipeline.vocab_size(config.data.dir)
+  if data_vocab > config.model.vocab_size:
+    raise ValueError(f'the tokenizer in {config.data.dir} has {data_vocab} tokens but '
+                     f'config.model.vocab_size is {config.model.vocab_size}; raise it with '
+                     f'--config.model.vocab_size={data_vocab}')
+
+  # ----------------------------------------------------------------------------------------------
+  # Device mesh: parameters and batches are placed through logical-axis rules (sharding.py).
+  mesh = sharding.make_mesh(config.mesh)
+
+  # ----------------------------------------------------------------------------------------------
+  # Input pipeline: this process's share of every global batch.
+  dataset = pipeline.train_dataset(config, jax.process_index(), jax.process_count())
+  data_iter = iter(dataset)
+
+  # ----------------------------------------------------------------------------------------------
+  # Model, optimizer and sharded initialisation.
+  model = build_model(config)
+  tx, schedule = make_optimizer(config)
+  init, state_shardings = sharded_state_init(model, tx, config, mesh)
+  batch_shardings = sharding.batch_sharding(mesh, pipeline.dummy_batch(config, 1))
+
+  # ----------------------------------------------------------------------------------------------
+  # The train step: one jitted function; the state's buffers are donated and updated in place.
+  @functools.partial(jax.jit, in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=(state_shardings, None), donate_argnums=0)
+  def train_step(state, batch):
+    def loss_fn(params):
+      return losses.scale_objective(model.apply({'params': params}, batch), batch, config)
+
+    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    terms.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+    return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                      opt_state=opt_state), terms
+
+  def to_global(local_batch):
+    return jax.tree.map(jax.make_array_from_process_local_data, batch_shardings, local_batch)
+
+  # ----------------------------------------------------------------------------------------------
+  # Start from scratch, or resume from the latest checkpoint in the workdir.
+  state = init(jax.random.key(config.seed))
+  manager = checkpoint_manager(workdir, config)
+  if manager.latest_step() is not None:
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_like(state, state_shardings)),
+        data=grain.checkpoint.CheckpointRestore(data_iter)))
+    state = restored.state
+    print(f'resumed from step {int(state.step)} in {manager.directory}')
+
+  # ----------------------------------------------------------------------------------------------
+  # Loop. Metrics are fetched from the device only on logging steps, so the host runs ahead.
+  writer = MetricsWriter(workdir)
+  first_step = int(state.step)
+  progress = tqdm.tqdm(total=config.total_steps, initial=first_step, desc='train',
+                       disable=jax.process_index() != 0, dynamic_ncols=True)
+  last_time, last_step, data_wait = time.perf_counter(), first_step, 0.0
+  for step in range(first_step + 1, config.total_steps + 1):
+    t = time.perf_counter()
+    batch = to_global(next(data_iter))
+    data_wait += time.perf_counter() - t
+    state, terms = train_step(state, batch)
+    if step % config.log_every == 0 or step == config.total_steps:
+      metrics = {k: float(v) for k, v in jax.device_get(terms).items()}
+      now = time.perf_counter()
+      elapsed = now - last_time
+      metrics.update(step_time=elapsed / (step - last_step),
+                     examples_per_sec=config.batch_size * (step - last_step) / elapsed,
+                     data_wait=data_wait / (step - last_step))
+      writer.write(step, metrics)
+      progress.set_postfix(loss=f'{metrics["loss"]:.3f}')
+      last_time, last_step, data_wait = now, step, 0.0
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)),
+        force=step == config.total_steps)
+    progress.update(1)
+  progress.close()
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  return state
+
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'config file (configs/*.py)', lock_config=True)
+flags.DEFINE_string('workdir', None, 'directory for checkpoints and metrics')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  if not FLAGS['verbosity'].present:  # Orbax logs every save step at INFO
+    logging.set_verbosity(logging.WARNING)
+  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
