@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 import tqdm
-from absl import app, flags, logging
 from flax import linen as nn
-from ml_collections import FrozenConfigDict, config_flags
+from ml_collections import FrozenConfigDict
 
-from scale_jax import losses, sharding
+from scale_jax import cli, losses, sharding
 from scale_jax.data import pipeline
 from scale_jax.model.scale import Scale
 
@@ -197,18 +196,5 @@ def train_and_evaluate(config, workdir):
   return state
 
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'config file (configs/*.py)', lock_config=True)
-flags.DEFINE_string('workdir', None, 'directory for checkpoints and metrics')
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def main(argv):
-  del argv
-  if not FLAGS['verbosity'].present:  # Orbax logs every save step at INFO
-    logging.set_verbosity(logging.WARNING)
-  train_and_evaluate(FLAGS.config, FLAGS.workdir)
-
-
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(train_and_evaluate)
