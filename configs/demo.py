@@ -33,7 +33,7 @@ def get_config():
   # Per-modality preprocessing. Paper sizes: text 36 tokens, table 64, image 36 regions, video 12
   # frames at 1 fps, audio 12 s at 16 kHz with n_fft 1024 / hop 256 / 80 mel bands.
   c.text = dict(max_len=16, mask_rate=0.15)
-  c.table = dict(max_len=24, mask_rate=0.15)
+  c.table = dict(max_len=32, mask_rate=0.15)
   c.image = dict(size=32, patch=8, mask_rate=0.15)
   c.video = dict(num_frames=4, frame_size=12, fps=1.0, mask_rate=0.15)
   c.audio = dict(sample_rate=16000, seconds=2.0, n_fft=512, hop=256, n_mels=32, frames=112,

@@ -26,24 +26,24 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
   return np.asarray(img, np.float32) / 255.0
 
 
-def _yuv420p_to_rgb(frame) -> np.ndarray:
-  """A decoded frame -> float32 RGB [H, W, 3] in [0, 1] (BT.601), in numpy: swscale's RGB
-  conversion costs several times the decoding itself at these sizes."""
-  yuv = frame.to_ndarray(format='yuv420p').astype(np.float32)
+def _frame_to_rgb(frame, size: int) -> np.ndarray:
+  """A decoded frame -> float32 RGB [size, size, 3] in [0, 1].
+
+  Resizes the Y, U and V planes first (uint8, PIL) and converts to RGB (BT.601) at the small size,
+  in numpy: swscale's conversion costs several times the decoding itself at these sizes.
+  """
+  if frame.format.name != 'yuv420p':
+    frame = frame.reformat(format='yuv420p')
   h, w = frame.height, frame.width
-  y = yuv[:h]
-  chroma = yuv[h:].reshape(2, h // 2, w // 2) - 128.0  # U plane then V plane
-  u, v = (c.repeat(2, axis=0).repeat(2, axis=1) for c in chroma)
+  yuv = frame.to_ndarray(format='yuv420p')
+  planes = (yuv[:h], *yuv[h:].reshape(2, h // 2, w // 2))
+  y, u, v = (np.asarray(Image.fromarray(p).resize((size, size), Image.BILINEAR), np.float32)
+             for p in planes)
+  u, v = u - 128.0, v - 128.0
   if frame.color_range != 2:  # limited ("MPEG") range, the H.264 default: Y in 16..235
     y, u, v = (y - 16.0) * (255.0 / 219.0), u * (255.0 / 224.0), v * (255.0 / 224.0)
   rgb = np.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u], axis=-1)
   return np.clip(rgb, 0.0, 255.0) / 255.0
-
-
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-  """Float [H, W, 3] -> [size, size, 3], bilinear."""
-  channels = [Image.fromarray(img[..., c]).resize((size, size), Image.BILINEAR) for c in range(3)]
-  return np.stack([np.asarray(c, np.float32) for c in channels], axis=-1)
 
 
 def decode_video(data: bytes, num_frames: int, size: int, fps: float) -> tuple[np.ndarray, int]:
@@ -57,12 +57,11 @@ def decode_video(data: bytes, num_frames: int, size: int, fps: float) -> tuple[n
   try:
     with av.open(io.BytesIO(data)) as container:
       stream = container.streams.video[0]
+      stream.thread_type = 'NONE'  # one decoder thread: the pipeline parallelises over examples
       for frame in container.decode(stream):
         if frame.time is not None and frame.time + 1e-6 < next_time:
           continue
-        if frame.format.name != 'yuv420p':
-          frame = frame.reformat(format='yuv420p')
-        out[count] = _resize(_yuv420p_to_rgb(frame), size)
+        out[count] = _frame_to_rgb(frame, size)
         count += 1
         next_time += 1.0 / fps
         if count == num_frames:

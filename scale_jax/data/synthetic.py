@@ -5,9 +5,12 @@ r"""Writes a synthetic product catalogue in the raw layout of docs/data.md.
 Every modality carries part of the category and nothing carries all of it: each modality shows
 the category only through its own coarse grouping (6 groups per modality, drawn per modality), so
 a single modality cannot tell apart categories that share its group, while the combination of
-modalities can. On top of that, listings of the same physical product (instance) share instance
-details (brand word, logo, pitch), categories are long-tailed (Zipf), some captions belong to
-another product, and modalities go missing at the paper's rates.
+modalities can. Each modality also carries strong nuisance that varies from listing to listing
+(background colours, a louder tone at a random pitch, filler words and properties), so raw-input
+similarity says little about the category: what the modalities share is what pretraining has to
+find. Listings of the same physical product (instance) share instance details (brand word, logo
+colour, tremolo), categories are long-tailed (Zipf), some captions belong to another product, and
+modalities go missing at the paper's rates.
 """
 import argparse
 import dataclasses
@@ -30,16 +33,18 @@ AUDIO_RATE = 16000
 AUDIO_SECONDS = 2.0
 
 _GROUP_WORDS = [  # caption words for each text group
-    ['cotton', 'linen', 'soft'], ['leather', 'wallet', 'stitched'], ['ceramic', 'mug', 'glazed'],
+    ['cotton', 'linen', 'knit'], ['leather', 'wallet', 'stitched'], ['ceramic', 'mug', 'glazed'],
     ['steel', 'knife', 'forged'], ['wooden', 'desk', 'oak'], ['plastic', 'toy', 'bright']]
-_TABLE_VALUES = [  # (material, style) values for each table group
-    ('silk', 'classic'), ('nylon', 'sport'), ('glass', 'modern'), ('bamboo', 'rustic'),
-    ('copper', 'vintage'), ('rubber', 'casual')]
+_MATERIALS = ['silk', 'nylon', 'glass', 'bamboo', 'copper', 'rubber']  # table value per group
+# Nuisance: varies from listing to listing, unrelated to the category.
 _FILLER = ['new', 'hot', 'sale', 'free', 'shipping', 'best', 'quality', 'gift', 'official',
-           'store', '2022', 'style', '新款', '包邮', '正品', '热卖']
-_SIZES = ['S', 'M', 'L', 'XL', 'one-size']
-_COLOURS = np.array([[220, 60, 60], [60, 180, 75], [60, 90, 220], [230, 200, 40], [150, 60, 200],
-                     [40, 190, 200]], np.float32)
+           'store', '2022', 'style', 'limited', 'offer', 'deal', 'fast', 'delivery', 'premium',
+           'classic', 'fashion', 'genuine', 'discount', 'trendy', 'popular', 'value', 'pack',
+           '新款', '包邮', '正品', '热卖', '特价', '爆款', '促销', '精选']
+_NUISANCE_TABLE = {'colour': ['red', 'blue', 'black', 'white', 'green', 'grey', 'pink', 'beige'],
+                   'origin': ['guangdong', 'zhejiang', 'jiangsu', 'fujian', 'shandong', 'hebei'],
+                   'season': ['spring', 'summer', 'autumn', 'winter', 'all-season'],
+                   'size': ['S', 'M', 'L', 'XL', 'one-size']}
 _PITCHES = [220.0, 330.0, 440.0, 587.0, 740.0, 988.0]  # Hz, one per audio group
 MODALITY_FIELDS = ('caption', 'tabular', 'image', 'video', 'audio')
 
@@ -76,39 +81,43 @@ def make_catalogue(num_products, seed, num_categories=None):
 
 
 def _caption(inst, groups, rng):
-  words = list(rng.choice(_GROUP_WORDS[groups[0, inst.category]], 2, replace=False))
-  words += [inst.brand] + list(rng.choice(_FILLER, rng.integers(2, 6)))
+  words = [rng.choice(_GROUP_WORDS[groups[0, inst.category]]), inst.brand]
+  words += list(rng.choice(_FILLER, rng.integers(4, 9)))
   rng.shuffle(words)
   return ' '.join(words)
 
 
 def _table(inst, groups, rng):
-  material, style = _TABLE_VALUES[groups[1, inst.category]]
-  pairs = [('material', material), ('style', style), ('brand', inst.brand),
-           ('size', str(rng.choice(_SIZES)))]
+  pairs = [('material', _MATERIALS[groups[1, inst.category]]), ('brand', inst.brand)]
+  for key in rng.choice(list(_NUISANCE_TABLE), rng.integers(1, 4), replace=False):
+    pairs.append((key, str(rng.choice(_NUISANCE_TABLE[key]))))
   rng.shuffle(pairs)
   return '#;#'.join(f'{k}#:#{v}' for k, v in pairs)  # the official M5Product table string
 
 
 def _image(inst, groups, rng):
-  colour = _COLOURS[groups[2, inst.category]]
-  img = np.tile(colour, (IMAGE_SIZE, IMAGE_SIZE, 1))
-  # A diagonal gradient in the colour, so the group is visible as a pattern not only a mean.
-  ramp = np.linspace(-40, 40, IMAGE_SIZE, dtype=np.float32)
-  img += (ramp[:, None] + ramp[None, :])[..., None] * (groups[2, inst.category] % 2 * 2 - 1)
+  """Stripes whose orientation and period give the image group, over a random background."""
+  group = groups[2, inst.category]
+  yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE].astype(np.float32)
+  coordinate = (yy, xx, xx + yy)[group % 3]
+  period = (8.0, 16.0)[group // 3]
+  stripes = np.sin(2 * np.pi * coordinate / period + rng.uniform(0, 2 * np.pi))
+  img = rng.uniform(40, 215, 3) + 40.0 * stripes[..., None]
   x, y = inst.logo_xy
   img[y:y + 12, x:x + 12] = inst.logo_colour
-  img += rng.normal(0, 25, img.shape)
+  img += rng.normal(0, 20, img.shape)
   buf = io.BytesIO()
   Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format='JPEG', quality=90)
   return buf.getvalue()
 
 
 def _video(inst, groups, rng):
-  """A bar sweeping across the frame; its direction and speed give the video group."""
+  """A bar in the instance's colour sweeping over a random background; its direction and speed
+  give the video group."""
   group = groups[3, inst.category]
   horizontal, speed = group % 2 == 0, 2 + 3 * (group // 2)
-  frames = np.full((VIDEO_FRAMES, VIDEO_SIZE, VIDEO_SIZE, 3), 30.0, np.float32)
+  frames = np.tile(rng.uniform(20, 235, 3).astype(np.float32),
+                   (VIDEO_FRAMES, VIDEO_SIZE, VIDEO_SIZE, 1))
   start = rng.integers(0, VIDEO_SIZE)
   for t in range(VIDEO_FRAMES):
     pos = (start + speed * t) % (VIDEO_SIZE - 8)
@@ -135,11 +144,13 @@ def encode_mp4(frames, fps):
 
 
 def _audio(inst, groups, rng):
-  """A tone at the group's pitch with the instance's tremolo, in noise."""
+  """A tone at the group's pitch with the instance's tremolo, under a louder tone at a random
+  pitch, in noise."""
   t = np.arange(int(AUDIO_RATE * AUDIO_SECONDS)) / AUDIO_RATE
-  pitch = _PITCHES[groups[4, inst.category]] * rng.uniform(0.97, 1.03)
+  pitch = _PITCHES[groups[4, inst.category]] * rng.uniform(0.98, 1.02)
   tremolo = 0.6 + 0.4 * np.sin(2 * np.pi * inst.tremolo_hz * t)
-  wave = 0.3 * tremolo * np.sin(2 * np.pi * pitch * t) + rng.normal(0, 0.05, t.shape)
+  wave = (0.15 * tremolo * np.sin(2 * np.pi * pitch * t)
+          + 0.3 * np.sin(2 * np.pi * rng.uniform(150, 3000) * t) + rng.normal(0, 0.05, t.shape))
   buf = io.BytesIO()
   soundfile.write(buf, wave.astype(np.float32), AUDIO_RATE, format='WAV', subtype='PCM_16')
   return buf.getvalue()
