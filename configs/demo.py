@@ -18,9 +18,9 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 64  # global, over all processes and devices
-  c.total_steps = 600
+  c.total_steps = 300
   c.log_every = 20
-  c.checkpoint_every = 200
+  c.checkpoint_every = 100
   c.checkpoint_keep = 2
 
   c.data = dict(
@@ -55,7 +55,7 @@ def get_config():
   # Coefficient of each objective in the total loss.
   c.loss = dict(contrastive=1.0, mlm=1.0, mem=1.0, mrm=1.0, mfp=1.0, mam=1.0)
 
-  c.optimizer = dict(lr=1e-3, warmup_steps=60, weight_decay=0.05, b1=0.9, b2=0.98, clip_norm=1.0)
+  c.optimizer = dict(lr=1e-3, warmup_steps=30, weight_decay=0.05, b1=0.9, b2=0.98, clip_norm=1.0)
   # Device mesh; -1 takes the devices left over. Logical-axis rules live in scale_jax/sharding.py.
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
 

@@ -51,9 +51,10 @@ def retrieval_map(features, labels, ks=KS) -> dict:
   """mAP@k of same-label retrieval, each product a query against all the others."""
   sims = features @ features.T
   np.fill_diagonal(sims, -np.inf)
-  top = np.argsort(-sims, axis=1)[:, :max(ks)]
-  relevant = labels[top] == labels[:, None]  # [N, max_k]
-  precision_at = np.cumsum(relevant, axis=1) / np.arange(1, max(ks) + 1)
+  depth = min(max(ks), len(labels) - 1)  # a tiny gallery holds fewer than k others
+  top = np.argsort(-sims, axis=1)[:, :depth]
+  relevant = labels[top] == labels[:, None]  # [N, depth]
+  precision_at = np.cumsum(relevant, axis=1) / np.arange(1, depth + 1)
   out = {}
   for k in ks:
     hits = relevant[:, :k].sum(1)

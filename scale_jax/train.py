@@ -69,12 +69,29 @@ def sharded_state_init(model, tx, config, mesh):
   return init, shardings
 
 
+def make_train_step(model, tx, schedule, config, state_shardings, batch_shardings):
+  """The jitted step (state, batch) -> (state, metrics); the old state's buffers are donated."""
+
+  @functools.partial(jax.jit, in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=(state_shardings, None), donate_argnums=0)
+  def train_step(state, batch):
+    def loss_fn(params):
+      return losses.scale_objective(model.apply({'params': params}, batch), batch, config)
+
+    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    terms.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+    return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                      opt_state=opt_state), terms
+
+  return train_step
+
+
 def checkpoint_manager(workdir, config):
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), 'checkpoints'),
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.checkpoint_keep, save_interval_steps=config.checkpoint_every,
-          enable_async_checkpointing=True),
+          max_to_keep=config.checkpoint_keep, enable_async_checkpointing=True),
       item_names=('state', 'data'))
 
 
@@ -137,17 +154,7 @@ def train_and_evaluate(config, workdir):
 
   # ----------------------------------------------------------------------------------------------
   # The train step: one jitted function; the state's buffers are donated and updated in place.
-  @functools.partial(jax.jit, in_shardings=(state_shardings, batch_shardings),
-                     out_shardings=(state_shardings, None), donate_argnums=0)
-  def train_step(state, batch):
-    def loss_fn(params):
-      return losses.scale_objective(model.apply({'params': params}, batch), batch, config)
-
-    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    terms.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step))
-    return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                      opt_state=opt_state), terms
+  train_step = make_train_step(model, tx, schedule, config, state_shardings, batch_shardings)
 
   def to_global(local_batch):
     return jax.tree.map(jax.make_array_from_process_local_data, batch_shardings, local_batch)
@@ -185,9 +192,10 @@ def train_and_evaluate(config, workdir):
       writer.write(step, metrics)
       progress.set_postfix(loss=f'{metrics["loss"]:.3f}')
       last_time, last_step, data_wait = now, step, 0.0
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)),
-        force=step == config.total_steps)
+    if step % config.checkpoint_every == 0 or step == config.total_steps:
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)),
+          force=True)
     progress.update(1)
   progress.close()
   manager.wait_until_finished()

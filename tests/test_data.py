@@ -118,16 +118,24 @@ def test_same_seed_same_batches(config):
       not np.array_equal(z['instance'], x['instance'])
 
 
-def test_processes_read_disjoint_shares(config, data_dir):
+def _fingerprints(batch):
+  """One hash per product from its decoded content (noise makes every product's unique)."""
+  keys = ('text_target', 'table_target', 'image_input', 'video_input', 'audio_input')
+  return [hash(b''.join(batch[k][i].tobytes() for k in keys)) for i in range(len(batch['label']))]
+
+
+def test_processes_read_disjoint_shares_covering_the_split(config, data_dir):
   n = len(pipeline.open_split(data_dir, 'train'))
-  config.batch_size = 4
-  seen = []
+  config.batch_size = 2  # one example per process per step
+  shares = []
   for p in range(2):
     it = iter(pipeline.train_dataset(config, process_index=p, process_count=2))
-    seen.append([tuple(x) for _ in range(n // 4) for x in
-                 zip(*(next(it)[k] for k in ('instance', 'label', 'text_target')))])
-  # One epoch split between two processes: no product twice, and (almost) all products seen.
-  assert not set(seen[0]) & set(seen[1])
+    shares.append([f for _ in range(n // 2) for f in _fingerprints(next(it))])
+  assert not set(shares[0]) & set(shares[1])
+  assert len(set(shares[0]) | set(shares[1])) == 2 * (n // 2)  # one epoch, every product once
+  whole = iter(pipeline.train_dataset(config, process_index=0, process_count=1))
+  one_process = {f for _ in range(n // 2) for f in _fingerprints(next(whole))}
+  assert one_process == set(shares[0]) | set(shares[1])
 
 
 def test_masks(config):

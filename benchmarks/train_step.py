@@ -1,0 +1,95 @@
+r"""Times the jitted SCALE train step of a config on this machine's devices, without input.
+
+    python benchmarks/train_step.py --config configs/demo.py [--peak-gflops 430] [--steps 10]
+
+Reports seconds per step, examples/s, the step's FLOPs as XLA counts them in the compiled
+program (forward + backward + optimizer, attention included) and the achieved fraction of the
+peak (MFU). The default peak is this project's CPU machine: f32 matmul on 2 cores, ~430 GFLOP/s.
+Record results, with the machine, in docs/benchmarks.md.
+"""
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import numpy as np
+
+from scale_jax import sharding
+from scale_jax.data import pipeline
+from scale_jax.train import build_model, make_optimizer, make_train_step, sharded_state_init
+
+
+def load_config(path):
+  spec = importlib.util.spec_from_file_location('benchmark_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def random_batch(config, rng):
+  """A batch with the real shapes, random content and the configured mask rates."""
+  batch = pipeline.dummy_batch(config, config.batch_size)
+  for k, v in batch.items():
+    if k.endswith('_input') and v.dtype == np.float32:
+      batch[k] = rng.normal(size=v.shape).astype(np.float32)
+    elif k.endswith(('_input', '_target')):
+      batch[k] = rng.integers(5, config.model.vocab_size, v.shape).astype(np.int32)
+    elif k.endswith('_valid') or k == 'present':
+      batch[k] = np.ones(v.shape, bool)
+    elif k.endswith('_masked'):
+      batch[k] = rng.random(v.shape) < 0.15
+  return batch
+
+
+def benchmark(config, steps, peak_gflops):
+  mesh = sharding.make_mesh(config.mesh)
+  model, (tx, schedule) = build_model(config), make_optimizer(config)
+  init, state_shardings = sharded_state_init(model, tx, config, mesh)
+  batch = random_batch(config, np.random.default_rng(0))
+  batch_shardings = sharding.batch_sharding(mesh, batch)
+  step = make_train_step(model, tx, schedule, config, state_shardings, batch_shardings)
+  state = init(jax.random.key(0))
+  batch = jax.device_put(batch, batch_shardings)
+  t = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', 0.0))
+  state, metrics = compiled(state, batch)  # warm-up
+  jax.block_until_ready(metrics)
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  seconds = (time.perf_counter() - t) / steps
+  return {'compile_s': compile_s, 'step_s': seconds,
+          'examples_per_s': config.batch_size / seconds, 'gflop_per_step': flops / 1e9,
+          'gflops': flops / 1e9 / seconds, 'mfu': flops / 1e9 / seconds / peak_gflops}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default='configs/demo.py')
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--batch-size', type=int, default=None)
+  parser.add_argument('--peak-gflops', type=float, default=430.0,
+                      help='peak of the devices together (default: the 2-core CPU machine, f32)')
+  args = parser.parse_args()
+  config = load_config(args.config)
+  if args.batch_size:
+    config.batch_size = args.batch_size
+  r = benchmark(config, args.steps, args.peak_gflops)
+  print(f'{args.config} batch {config.batch_size} on {jax.device_count()} x '
+        f'{jax.devices()[0].device_kind}: {r["step_s"]:.3f} s/step, '
+        f'{r["examples_per_s"]:.1f} examples/s, {r["gflop_per_step"]:.1f} GFLOP/step, '
+        f'{r["gflops"]:.1f} GFLOP/s, MFU {100 * r["mfu"]:.1f}% of {args.peak_gflops:g} GFLOP/s '
+        f'(compile {r["compile_s"]:.1f} s)')
+
+
+if __name__ == '__main__':
+  main()
