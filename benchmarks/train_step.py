@@ -20,7 +20,8 @@ import numpy as np
 
 from scale_jax import sharding
 from scale_jax.data import pipeline
-from scale_jax.train import build_model, make_optimizer, make_train_step, sharded_state_init
+from scale_jax.train import (build_model, make_optimizer, make_train_step, sharded_state_init,
+                             xla_flops)
 
 
 def load_config(path):
@@ -57,9 +58,7 @@ def benchmark(config, steps, peak_gflops):
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', 0.0))
+  flops = xla_flops(compiled)
   state, metrics = compiled(state, batch)  # warm-up
   jax.block_until_ready(metrics)
   t = time.perf_counter()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from scale_jax import evaluate, losses
-from scale_jax.train import train_and_evaluate
+from scale_jax.train import train
 
 
 @pytest.fixture(scope='module')
@@ -18,9 +18,9 @@ def trained(data_dir, tmp_path_factory):
   config.mesh.update(data=2, fsdp=2)
   workdir = str(tmp_path_factory.mktemp('run'))
   config.total_steps = 2
-  train_and_evaluate(config, workdir)
+  train(config, workdir)
   config.total_steps = 4
-  state = train_and_evaluate(config, workdir)
+  state = train(config, workdir)
   return config, workdir, state
 
 
