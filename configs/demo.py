@@ -39,18 +39,25 @@ def get_config():
   c.audio = dict(sample_rate=16000, seconds=2.0, n_fft=512, hop=256, n_mels=32, frames=112,
                  patch_time=16, patch_freq=16, mask_rate=0.15)
 
+  c.modalities = ('text', 'table', 'image', 'video', 'audio')  # any subset, e.g. ('text', 'image')
   c.model = dict(
       vocab_size=1024,  # >= the tokenizer's vocabulary
       width=128, heads=4, mlp_dim=512,
       encoder_layers=2,  # per modality
-      joint_layers=2,  # the joint co-transformer over all modalities' tokens
-      embed_dim=128,  # contrastive projection
+      share_text_table=False,  # one encoder for text and table (the released code shares it)
+      share_image_video=False,  # one encoder for image and video frames (likewise)
+      joint_layers=2,  # the joint co-transformer over all modalities' tokens; 0 = no fusion
       type_embedding=True,  # modality-type embedding in the joint co-transformer
       absent='mask',  # absent modalities: 'mask' out of attention, or 'zero' (released code)
+      masked_heads_on='joint',  # masked objectives read 'joint' outputs (paper) or 'encoder' ones
+      embed_dim=128,  # contrastive projection
+      contrastive='infonce',  # or 'nt_xent' (SimCLR: same-modality negatives too; released code)
       temperature=0.07, learn_temperature=False,
-      weighting='harmonized',  # 'harmonized' (from the embeddings) or 'uniform' (ablation)
-      stop_gradient_weights=True,  # the harmonized weights carry no gradient
-      dtype='float32',  # compute dtype; parameters stay float32
+      weighting='harmonized',  # 'harmonized', 'learned' (score matrix), 'uniform' or 'none'
+      stop_gradient_weights=True,  # the weights carry no gradient into the embeddings
+      dtype='float32',  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
+      remat='none',  # per block: 'none', 'full' (recompute all) or 'dots' (keep matmul outputs)
+      scan_layers=False,  # one compiled block per encoder, parameters stacked (faster compile)
   )
   # Coefficient of each objective in the total loss.
   c.loss = dict(contrastive=1.0, mlm=1.0, mem=1.0, mrm=1.0, mfp=1.0, mam=1.0)

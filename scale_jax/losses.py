@@ -6,11 +6,11 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-from scale_jax import MODALITIES
+from scale_jax import active_modalities
 
 # The masked objective of each modality, named as in the paper.
 MASKED_OBJECTIVES = {'text': 'mlm', 'table': 'mem', 'image': 'mrm', 'video': 'mfp', 'audio': 'mam'}
-PAIRS = tuple(itertools.combinations(range(len(MODALITIES)), 2))
+WEIGHTINGS = ('harmonized', 'learned', 'uniform', 'none')
 # Stands in for -inf in masked logits: -inf makes fully masked rows NaN, and NaN gradients survive
 # a later jnp.where.
 NEG = -1e9
@@ -21,43 +21,60 @@ def l2_normalize(x, axis=-1):
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-12))
 
 
-def harmonized_weights(v, present, mode='harmonized'):
+def harmonized_weights(v, present, mode='harmonized', learned_logits=None):
   """Per-product weight matrices G [B, M, M] from modality vectors v [B, M, D].
 
-  The spec's R = C * softmax(C) over present modalities, rows L2-normalised, with one change: C
-  is the cosine similarity rescaled to [0, 1], (1 + cos) / 2. With raw cosines a pair pointing
-  apart gets a negative weight, which turns its loss into one to maximise. Rows and columns of
-  absent modalities are zero. 'uniform' gives every present pair the same weight (the ablation),
-  normalised the same way.
+  'harmonized': the spec's R = C * softmax(C) over present modalities, rows L2-normalised, with
+  one change: C is the cosine similarity rescaled to [0, 1], (1 + cos) / 2. With raw cosines a
+  pair pointing apart gets a negative weight, which turns its loss into one to maximise.
+  'learned': R = softmax of a learned score matrix [M, M] over present modalities, rows
+  L2-normalised (the paper's text). 'uniform': every present pair alike, rows L2-normalised (the
+  ablation). 'none': weight 1 for every present pair (plain multi-pair contrastive, as CLIP).
+  Rows and columns of absent modalities are zero in every mode.
   """
   pair_present = present[:, :, None] & present[:, None, :]
   if mode == 'harmonized':
     v = l2_normalize(v)
     c = 0.5 * (1.0 + jnp.einsum('bid,bjd->bij', v, v))
     r = c * jax.nn.softmax(jnp.where(pair_present, c, NEG), axis=-1)
-  elif mode == 'uniform':
+  elif mode == 'learned':
+    logits = jnp.broadcast_to(learned_logits, pair_present.shape)
+    r = jax.nn.softmax(jnp.where(pair_present, logits, NEG), axis=-1)
+  elif mode in ('uniform', 'none'):
     r = jnp.ones(pair_present.shape, v.dtype)
   else:
-    raise ValueError(f"weighting must be 'harmonized' or 'uniform', not {mode!r}")
-  return l2_normalize(jnp.where(pair_present, r, 0.0))
+    raise ValueError(f'weighting must be one of {WEIGHTINGS}, not {mode!r}')
+  r = jnp.where(pair_present, r, 0.0)
+  return r if mode == 'none' else l2_normalize(r)
 
 
 def _mean_over(x, valid):
   return jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def info_nce(za, zb, valid_a, valid_b, weight_ab, weight_ba, temperature):
+def info_nce(za, zb, valid_a, valid_b, weight_ab, weight_ba, temperature, same_modality=False):
   """Symmetric InfoNCE between two modalities over the (global) batch.
 
   Product b is a query only where both sides are present, and a candidate only where its side is
   present. Each direction's per-product loss is multiplied by that product's weight.
+  same_modality=True is SimCLR's NT-Xent (the released code): the query's own modality, other
+  products, joins the negatives.
   """
   logits = jnp.einsum('id,jd->ij', za, zb) / temperature
   both = valid_a & valid_b
-  a_to_b = -jax.nn.log_softmax(jnp.where(valid_b[None, :], logits, NEG), axis=1)
-  b_to_a = -jax.nn.log_softmax(jnp.where(valid_a[:, None], logits, NEG), axis=0)
-  a_to_b = jnp.where(both, jnp.diagonal(a_to_b), 0.0) * weight_ab
-  b_to_a = jnp.where(both, jnp.diagonal(b_to_a), 0.0) * weight_ba
+  a_to_b = jnp.where(valid_b[None, :], logits, NEG)
+  b_to_a = jnp.where(valid_a[None, :], logits.T, NEG)
+  if same_modality:
+    off_diagonal = ~jnp.eye(len(za), dtype=bool)
+    a_to_a = jnp.einsum('id,jd->ij', za, za) / temperature
+    b_to_b = jnp.einsum('id,jd->ij', zb, zb) / temperature
+    a_to_b = jnp.concatenate([a_to_b, jnp.where(off_diagonal & valid_a[None, :], a_to_a, NEG)], 1)
+    b_to_a = jnp.concatenate([b_to_a, jnp.where(off_diagonal & valid_b[None, :], b_to_b, NEG)], 1)
+  n = len(za)
+  a_to_b = -jnp.diagonal(jax.nn.log_softmax(a_to_b, axis=1)[:, :n])
+  b_to_a = -jnp.diagonal(jax.nn.log_softmax(b_to_a, axis=1)[:, :n])
+  a_to_b = jnp.where(both, a_to_b, 0.0) * weight_ab
+  b_to_a = jnp.where(both, b_to_a, 0.0) * weight_ba
   return 0.5 * (_mean_over(a_to_b, both) + _mean_over(b_to_a, both))
 
 
@@ -84,21 +101,27 @@ def _per_product(per_position, masked, weight):
 def scale_objective(outputs, batch, config):
   """Total loss and a dict of each term (unweighted by coefficients) for logging."""
   present, coef, m = batch['present'], config.loss, config.model
+  modalities = active_modalities(config)
+  if m.contrastive not in ('infonce', 'nt_xent'):
+    raise ValueError(f"model.contrastive must be 'infonce' or 'nt_xent', not {m.contrastive!r}")
   stop = jax.lax.stop_gradient if m.stop_gradient_weights else (lambda x: x)
+  learned = outputs.get('weight_logits')  # a parameter, trained whatever stop_gradient says
   # Off-diagonal weights from the pre-fusion vectors, diagonal weights from the fused ones.
-  pair_w = stop(harmonized_weights(outputs['z'], present, m.weighting))
-  self_w = stop(jnp.diagonal(harmonized_weights(outputs['fused'], present, m.weighting),
-                             axis1=1, axis2=2))
+  pair_w = harmonized_weights(stop(outputs['z']), present, m.weighting, learned)
+  self_w = harmonized_weights(stop(outputs['fused']), present, m.weighting, learned)
+  self_w = jnp.diagonal(self_w, axis1=1, axis2=2)
   terms = {}
   z, t = outputs['z'], outputs['temperature']
-  for i, j in PAIRS:
-    terms[f'contrastive/{MODALITIES[i]}-{MODALITIES[j]}'] = info_nce(
-        z[:, i], z[:, j], present[:, i], present[:, j], pair_w[:, i, j], pair_w[:, j, i], t)
+  for i, j in itertools.combinations(range(len(modalities)), 2):
+    terms[f'contrastive/{modalities[i]}-{modalities[j]}'] = info_nce(
+        z[:, i], z[:, j], present[:, i], present[:, j], pair_w[:, i, j], pair_w[:, j, i], t,
+        same_modality=m.contrastive == 'nt_xent')
   contrastive = sum(terms.values())
   total = coef.contrastive * contrastive
   terms['contrastive'] = contrastive
-  for i, k in enumerate(MODALITIES):
-    pred, masked = outputs['predictions'][k], batch[f'{k}_masked'] & present[:, i, None]
+  for k, pred in outputs['predictions'].items():
+    i = modalities.index(k)
+    masked = batch[f'{k}_masked'] & present[:, i, None]
     if f'{k}_target' in batch:
       loss = token_loss(pred, batch[f'{k}_target'], masked, self_w[:, i])
     else:

@@ -22,6 +22,7 @@ LOGICAL_RULES = (
     ('length', None),
     ('patch', None),
     ('modality', None),
+    ('layers', None),  # the stacked-layer axis of scanned encoders
 )
 
 

@@ -6,7 +6,8 @@ Per modality m a batch holds
   {m}_valid   bool [B, L]: real positions (not padding);
   {m}_masked  bool [B, L]: positions the masked objective predicts (training batches only);
   {m}_target  int32 [B, L]: the original tokens (token modalities, training batches only);
-plus `present` bool [B, 5] (MODALITIES order), `label` and `instance` int32 [B].
+plus `present` bool [B, M] (the config's modalities, in MODALITIES order), `label` and
+`instance` int32 [B]. Only the config's modalities (`config.modalities`) are read and decoded.
 
 Everything here is numpy: it runs in Grain worker processes, which must not touch JAX devices.
 """
@@ -17,7 +18,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from scale_jax import MODALITIES
+from scale_jax import MODALITIES, active_modalities
 from scale_jax.data import build, media, tokenizer
 
 TOKEN_MODALITIES = ('text', 'table')
@@ -51,69 +52,82 @@ def _pad_tokens(tokens, length):
   return out
 
 
+def _text(ex, present, c):
+  """[CLS] caption [SEP], truncated to the config length."""
+  caption = list(ex['caption_tokens'][:c['max_len'] - 2])
+  tokens = _pad_tokens([tokenizer.CLS] + caption + [tokenizer.SEP], c['max_len'])
+  return {'text_input': tokens, 'text_valid': (tokens != tokenizer.PAD) & present}
+
+
+def _table(ex, present, c):
+  """[CLS] k1 v1 [SEP] k2 v2 [SEP] ..., with each token's entity kept for MEM."""
+  tokens = _pad_tokens([tokenizer.CLS] + list(ex['table_tokens']), c['max_len'])
+  return {'table_input': tokens, 'table_valid': (tokens != tokenizer.PAD) & present,
+          'table_entities': _pad_tokens([0] + list(ex['table_entities']), c['max_len'])}
+
+
+def _image(ex, present, c):
+  """Resized, scaled to [-1, 1], cut into patches."""
+  img = np.zeros((c['size'], c['size'], 3), np.float32)
+  if present:
+    img = media.decode_image(ex['image'], c['size']) * 2 - 1
+  patches = patchify(img, c['patch'], c['patch'])
+  return {'image_input': patches, 'image_valid': np.full(len(patches), present)}
+
+
+def _video(ex, present, c):
+  """About `fps` frames a second (the paper's one), at most num_frames, each frame a token."""
+  frames = np.zeros((c['num_frames'], c['frame_size'], c['frame_size'], 3), np.float32)
+  count = 0
+  if present:
+    frames, count = media.decode_video(ex['video'], c['num_frames'], c['frame_size'], c['fps'])
+    frames[:count] = frames[:count] * 2 - 1
+  return {'video_input': frames.reshape(c['num_frames'], -1),
+          'video_valid': np.arange(c['num_frames']) < count}
+
+
+def _audio(ex, present, c):
+  """Log-mel spectrogram of the first seconds, standardised per clip, cut into time x frequency
+  patches."""
+  spec = np.zeros((c['frames'], c['n_mels']), np.float32)
+  if present:
+    wave = media.decode_audio(ex['audio'], c['sample_rate'], c['seconds'])
+    mel = media.log_mel(wave, c['sample_rate'], c['n_fft'], c['hop'], c['n_mels'])[:c['frames']]
+    spec[:len(mel)] = (mel - mel.mean()) / (mel.std() + 1e-5)
+  patches = patchify(spec[..., None], c['patch_time'], c['patch_freq'])
+  return {'audio_input': patches, 'audio_valid': np.full(len(patches), present)}
+
+
+PREPROCESS = {'text': _text, 'table': _table, 'image': _image, 'video': _video, 'audio': _audio}
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess(grain.transforms.Map):
-  """Decodes one stored example into the fixed-shape arrays of the module docstring.
-
-  `cfg` is the plain-dict form of the config's modality sections (picklable for workers).
-  """
+  """Decodes one stored example into the fixed-shape arrays of the module docstring, for the
+  config's modalities only. `cfg` is the plain-dict form of the config (picklable for workers)."""
   cfg: dict
 
   def map(self, ex):
-    cfg, present = self.cfg, np.array(ex['present'], bool)
+    modalities = self.cfg['modalities']
+    stored_present = dict(zip(MODALITIES, np.asarray(ex['present'], bool)))
+    present = np.array([stored_present[m] for m in modalities])
     out = {'present': present, 'label': np.int32(ex['label']),
            'instance': np.int32(ex['instance_id'])}
-    # Text: [CLS] caption [SEP], truncated to the config length.
-    n = cfg['text']['max_len']
-    caption = list(ex['caption_tokens'][:n - 2])
-    out['text_input'] = _pad_tokens([tokenizer.CLS] + caption + [tokenizer.SEP], n)
-    # Table: [CLS] k1 v1 [SEP] k2 v2 [SEP] ..., with the entity of each token kept for MEM.
-    n = cfg['table']['max_len']
-    out['table_input'] = _pad_tokens([tokenizer.CLS] + list(ex['table_tokens']), n)
-    out['table_entities'] = _pad_tokens([0] + list(ex['table_entities']), n)
-    for m in TOKEN_MODALITIES:
-      out[f'{m}_valid'] = out[f'{m}_input'] != tokenizer.PAD
-      out[f'{m}_valid'] &= present[MODALITIES.index(m)]
-    # Image: resized, scaled to [-1, 1], cut into patches.
-    c = cfg['image']
-    if present[MODALITIES.index('image')]:
-      img = media.decode_image(ex['image'], c['size']) * 2 - 1
-    else:
-      img = np.zeros((c['size'], c['size'], 3), np.float32)
-    out['image_input'] = patchify(img, c['patch'], c['patch'])
-    # Video: about one frame a second, each frame a token.
-    c = cfg['video']
-    frames, count = np.zeros((c['num_frames'], c['frame_size'], c['frame_size'], 3), np.float32), 0
-    if present[MODALITIES.index('video')]:
-      frames, count = media.decode_video(ex['video'], c['num_frames'], c['frame_size'], c['fps'])
-      frames[:count] = frames[:count] * 2 - 1
-    out['video_input'] = frames.reshape(c['num_frames'], -1)
-    out['video_valid'] = np.arange(c['num_frames']) < count
-    # Audio: log-mel spectrogram, standardised per clip, cut into time x frequency patches.
-    c = cfg['audio']
-    spec = np.zeros((c['frames'], c['n_mels']), np.float32)
-    if present[MODALITIES.index('audio')]:
-      wave = media.decode_audio(ex['audio'], c['sample_rate'], c['seconds'])
-      mel = media.log_mel(wave, c['sample_rate'], c['n_fft'], c['hop'], c['n_mels'])[:c['frames']]
-      spec[:len(mel)] = (mel - mel.mean()) / (mel.std() + 1e-5)
-    out['audio_input'] = patchify(spec[..., None], c['patch_time'], c['patch_freq'])
-    for m in ('image', 'audio'):
-      out[f'{m}_valid'] = np.full(len(out[f'{m}_input']), present[MODALITIES.index(m)])
-    out['video_valid'] &= present[MODALITIES.index('video')]
+    for m, p in zip(modalities, present):
+      out.update(PREPROCESS[m](ex, bool(p), self.cfg[m]))
     return out
 
 
 @dataclasses.dataclass(frozen=True)
 class Mask(grain.transforms.RandomMap):
-  """Draws the masks of the five masked objectives. Grain seeds `rng` from (seed, record index),
-  and the index grows with the epoch under repeat(), so masks are reproducible and differ per
-  epoch."""
+  """Draws the masks of the masked objectives. Grain seeds `rng` from (seed, record index), and
+  the index grows with the epoch under repeat(), so masks are reproducible and differ per epoch."""
   cfg: dict
   vocab_size: int
 
   def random_map(self, ex, rng):
     ex = dict(ex)
-    for m in MODALITIES:
+    for m in self.cfg['modalities']:
       rate, valid = self.cfg[m]['mask_rate'], ex[f'{m}_valid']
       if m == 'text':  # MLM: 15% of word pieces, never [CLS]/[SEP]
         maskable = valid & (ex['text_input'] != tokenizer.CLS) & (ex['text_input'] != tokenizer.SEP)
@@ -133,30 +147,32 @@ class Mask(grain.transforms.RandomMap):
         u = rng.random(tokens.shape)
         random_tokens = rng.integers(len(tokenizer.SPECIAL_IDS), self.vocab_size, tokens.shape)
         tokens = np.where(masked & (u < 0.8), tokenizer.MASK, tokens)
-        ex[f"{m}_input"] = np.where(masked & (u >= 0.8) & (u < 0.9), random_tokens,
-                                   tokens).astype(np.int32)
+        ex[f'{m}_input'] = np.where(masked & (u >= 0.8) & (u < 0.9), random_tokens,
+                                    tokens).astype(np.int32)
     return ex
 
 
 def token_counts(config) -> dict:
   """Tokens per modality, the global token included (text and table: [CLS] is the global one)."""
-  return {'text': config.text.max_len, 'table': config.table.max_len,
-          'image': (config.image.size // config.image.patch) ** 2 + 1,
-          'video': config.video.num_frames + 1,
-          'audio': (config.audio.frames // config.audio.patch_time)
-                   * (config.audio.n_mels // config.audio.patch_freq) + 1}
+  counts = {
+      'text': lambda c: c.max_len, 'table': lambda c: c.max_len,
+      'image': lambda c: (c.size // c.patch) ** 2 + 1,
+      'video': lambda c: c.num_frames + 1,
+      'audio': lambda c: (c.frames // c.patch_time) * (c.n_mels // c.patch_freq) + 1}
+  return {m: counts[m](config[m]) for m in active_modalities(config)}
 
 
 def patch_dims(config) -> dict:
   """Feature size of one patch/frame of each continuous modality (what MRM/MFP/MAM regress)."""
-  return {'image': config.image.patch ** 2 * 3, 'video': config.video.frame_size ** 2 * 3,
-          'audio': config.audio.patch_time * config.audio.patch_freq}
+  dims = {'image': lambda c: c.patch ** 2 * 3, 'video': lambda c: c.frame_size ** 2 * 3,
+          'audio': lambda c: c.patch_time * c.patch_freq}
+  return {m: dims[m](config[m]) for m in active_modalities(config) if m in dims}
 
 
 def dummy_batch(config, batch_size: int, train: bool = True) -> dict:
   """A batch of zeros with the shapes and dtypes of real ones (model init, AOT compilation)."""
   counts, dims, spec = token_counts(config), patch_dims(config), {}
-  for m in MODALITIES:
+  for m in active_modalities(config):
     length = counts[m] - (m not in TOKEN_MODALITIES)  # continuous inputs have no global token yet
     if m in TOKEN_MODALITIES:
       spec[f'{m}_input'] = ((length,), np.int32)
@@ -167,12 +183,13 @@ def dummy_batch(config, batch_size: int, train: bool = True) -> dict:
     spec[f'{m}_valid'] = ((length,), np.bool_)
     if train:
       spec[f'{m}_masked'] = ((length,), np.bool_)
-  spec.update(present=((len(MODALITIES),), np.bool_), label=((), np.int32), instance=((), np.int32))
+  spec.update(present=((len(counts),), np.bool_), label=((), np.int32), instance=((), np.int32))
   return {k: np.zeros((batch_size,) + shape, dtype) for k, (shape, dtype) in spec.items()}
 
 
 def _plain(config) -> dict:
-  return {m: dict(config[m]) for m in MODALITIES}
+  modalities = active_modalities(config)
+  return {'modalities': modalities, **{m: dict(config[m]) for m in modalities}}
 
 
 def _read_options(config):
@@ -210,7 +227,7 @@ def eval_batches(config, split: str, batch_size: int):
   ds = grain.MapDataset.source(source).map(Preprocess(_plain(config)))
   ds = ds.to_iter_dataset(_read_options(config)).batch(batch_size)
   for batch in ds:
-    del batch['table_entities']  # only the MEM masking needs it
+    batch.pop('table_entities', None)  # only the MEM masking needs it
     n = len(batch['label'])
     if n < batch_size:
       batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])

@@ -37,10 +37,11 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm transformer block."""
+  """Pre-LayerNorm transformer block. Under nn.scan (`scanned`) it returns (x, None)."""
   heads: int
   mlp_dim: int
   dtype: jnp.dtype = jnp.float32
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, x, key_valid):
@@ -55,18 +56,41 @@ class Block(nn.Module):
     h = nn.Dense(x.shape[-1], dtype=self.dtype, name='mlp_out',
                  kernel_init=partitioned(dense_init, ('mlp', 'embed')),
                  bias_init=partitioned(nn.initializers.zeros, ('embed',)))(h)
-    return x + h
+    x = x + h
+    return (x, None) if self.scanned else x
+
+
+# model.remat: what the backward pass keeps from the forward pass of each block.
+REMAT_POLICIES = {
+    'none': None,  # keep everything (no rematerialisation)
+    'full': jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # keep matmul outputs
+}
 
 
 class Encoder(nn.Module):
-  """A stack of blocks with a final LayerNorm."""
+  """A stack of blocks with a final LayerNorm; optionally rematerialised and/or scanned (one
+  compiled block, parameters stacked along a leading 'layers' axis)."""
   layers: int
   heads: int
   mlp_dim: int
   dtype: jnp.dtype = jnp.float32
+  remat: str = 'none'
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x, key_valid):
-    for i in range(self.layers):
-      x = Block(self.heads, self.mlp_dim, self.dtype, name=f'block_{i}')(x, key_valid)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'model.remat must be one of {list(REMAT_POLICIES)}, not {self.remat!r}')
+    block = Block
+    if self.remat != 'none':
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+    if self.scan:
+      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=nn.broadcast, length=self.layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = stack(self.heads, self.mlp_dim, self.dtype, scanned=True, name='blocks')(x, key_valid)
+    else:
+      for i in range(self.layers):
+        x = block(self.heads, self.mlp_dim, self.dtype, name=f'block_{i}')(x, key_valid)
     return layer_norm('ln_final', self.dtype)(x)

@@ -4,14 +4,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from scale_jax import MODALITIES
+from scale_jax import active_modalities
 from scale_jax.data.pipeline import TOKEN_MODALITIES, patch_dims, token_counts
-from scale_jax.losses import l2_normalize
+from scale_jax.losses import MASKED_OBJECTIVES, l2_normalize
 from scale_jax.model.layers import Encoder, constrain, dense_init, layer_norm, partitioned
+
+# Modalities that can share an encoder (model.share_text_table, model.share_image_video).
+SHARED_ENCODERS = {'share_text_table': ('text', 'table'), 'share_image_video': ('image', 'video')}
 
 
 def _param(module, name, shape, axes, init=nn.initializers.normal(0.02)):
   return module.param(name, partitioned(init, axes), shape)
+
+
+def predicted_modalities(config) -> tuple:
+  """Modalities whose masked objective has a non-zero coefficient (only those get a head)."""
+  return tuple(m for m in active_modalities(config) if config.loss[MASKED_OBJECTIVES[m]])
 
 
 class Scale(nn.Module):
@@ -21,48 +29,61 @@ class Scale(nn.Module):
 
   def setup(self):
     c, m = self.config, self.config.model
+    self.modalities = active_modalities(c)
     self.dtype = jnp.dtype(m.dtype)
-    counts = token_counts(c)
-    # Text and table share one vocabulary, so they share one token embedding (and the MLM/MEM
-    # decoders are tied to it).
-    self.token_embed = nn.Embed(m.vocab_size, m.width,
-                                embedding_init=partitioned(nn.initializers.normal(0.02),
-                                                           ('vocab', 'embed')))
+    counts, dims = token_counts(c), patch_dims(c)
+    encoder = lambda: Encoder(m.encoder_layers, m.heads, m.mlp_dim, self.dtype, m.remat,
+                              m.scan_layers)
+    encoders = {k: encoder() for k in self.modalities}
+    for switch, (a, b) in SHARED_ENCODERS.items():
+      if m[switch] and a in encoders and b in encoders:
+        encoders[b] = encoders[a]  # one module object: one set of parameters
+    self.encoders = encoders
+    if any(k in TOKEN_MODALITIES for k in self.modalities):
+      # Text and table share one vocabulary, so they share one token embedding (and the MLM/MEM
+      # decoders are tied to it).
+      self.token_embed = nn.Embed(m.vocab_size, m.width, embedding_init=partitioned(
+          nn.initializers.normal(0.02), ('vocab', 'embed')))
     self.patch_embed = {k: nn.Dense(m.width, dtype=self.dtype,
                                     kernel_init=partitioned(dense_init, ('patch', 'embed')),
                                     bias_init=partitioned(nn.initializers.zeros, ('embed',)))
-                        for k in patch_dims(c)}
-    self.encoders = {k: Encoder(m.encoder_layers, m.heads, m.mlp_dim, self.dtype)
-                     for k in MODALITIES}
-    self.projections = {k: nn.Dense(m.embed_dim, dtype=self.dtype,
-                                    kernel_init=partitioned(dense_init, ('embed', None)),
-                                    use_bias=False) for k in MODALITIES}
+                        for k in dims}
+    self.projections = {k: nn.Dense(m.embed_dim, dtype=self.dtype, use_bias=False,
+                                    kernel_init=partitioned(dense_init, ('embed', None)))
+                        for k in self.modalities}
     self.positions = {k: _param(self, f'{k}_position', (counts[k], m.width), ('length', 'embed'))
-                      for k in MODALITIES}
-    self.global_tokens = {k: _param(self, f'{k}_global', (m.width,), ('embed',))
-                          for k in patch_dims(c)}
-    self.mask_tokens = {k: _param(self, f'{k}_mask', (m.width,), ('embed',))
-                        for k in patch_dims(c)}
+                      for k in self.modalities}
+    self.global_tokens = {k: _param(self, f'{k}_global', (m.width,), ('embed',)) for k in dims}
+    self.mask_tokens = {k: _param(self, f'{k}_mask', (m.width,), ('embed',)) for k in dims}
     if m.type_embedding:
-      self.type_embed = _param(self, 'type_embed', (len(MODALITIES), m.width), ('modality', 'embed'))
-    self.joint = Encoder(m.joint_layers, m.heads, m.mlp_dim, self.dtype)
-    self.token_head = nn.Sequential([
-        nn.Dense(m.width, dtype=self.dtype, kernel_init=partitioned(dense_init, ('embed', 'mlp')),
-                 bias_init=partitioned(nn.initializers.zeros, ('mlp',))),
-        nn.gelu, layer_norm(dtype=self.dtype)])
-    self.token_bias = _param(self, 'token_bias', (m.vocab_size,), ('vocab',), nn.initializers.zeros)
-    self.patch_heads = {k: nn.Dense(d, dtype=self.dtype,
+      self.type_embed = _param(self, 'type_embed', (len(self.modalities), m.width),
+                               ('modality', 'embed'))
+    if m.joint_layers:
+      self.joint = Encoder(m.joint_layers, m.heads, m.mlp_dim, self.dtype, m.remat, m.scan_layers)
+    predicted = predicted_modalities(c)
+    if any(k in TOKEN_MODALITIES for k in predicted):
+      self.token_head = nn.Sequential([
+          nn.Dense(m.width, dtype=self.dtype,
+                   kernel_init=partitioned(dense_init, ('embed', 'mlp')),
+                   bias_init=partitioned(nn.initializers.zeros, ('mlp',))),
+          nn.gelu, layer_norm(dtype=self.dtype)])
+      self.token_bias = _param(self, 'token_bias', (m.vocab_size,), ('vocab',),
+                               nn.initializers.zeros)
+    self.patch_heads = {k: nn.Dense(dims[k], dtype=self.dtype,
                                     kernel_init=partitioned(dense_init, ('embed', 'patch')),
                                     bias_init=partitioned(nn.initializers.zeros, ('patch',)))
-                        for k, d in patch_dims(c).items()}
+                        for k in predicted if k in dims}
     if m.learn_temperature:
       self.log_temperature = self.param('log_temperature', nn.initializers.constant(
           np.log(m.temperature)), ())
+    if m.weighting == 'learned':  # the paper's learned score matrix
+      self.weight_logits = self.param('weight_logits', nn.initializers.zeros,
+                                      (len(self.modalities),) * 2)
 
   def embed(self, modality, batch):
     """Input tokens [B, L, D] (global token first) and their validity [B, L]."""
     x, valid = batch[f'{modality}_input'], batch[f'{modality}_valid']
-    present = batch['present'][:, MODALITIES.index(modality)]
+    present = batch['present'][:, self.modalities.index(modality)]
     if modality in TOKEN_MODALITIES:
       h = self.token_embed(x).astype(self.dtype)
       valid = valid.at[:, 0].set(present)  # the [CLS] token
@@ -82,12 +103,11 @@ class Scale(nn.Module):
     m = self.config.model
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     present = batch['present']
-    tokens, valids, pooled = [], [], []
-    for i, k in enumerate(MODALITIES):
+    encoded, tokens, valids = {}, [], []
+    for i, k in enumerate(self.modalities):
       h, valid = self.embed(k, batch)
       # The global token always attends, so no attention row is empty for an absent modality.
-      h = self.encoders[k](h, valid.at[:, 0].set(True))
-      pooled.append(h[:, 0])
+      encoded[k] = h = self.encoders[k](h, valid.at[:, 0].set(True))
       if m.type_embedding:
         h = h + self.type_embed[i].astype(self.dtype)
       if m.absent == 'zero':  # released code: absent modalities attended to as zero vectors
@@ -95,20 +115,30 @@ class Scale(nn.Module):
         valid = jnp.where(present[:, i, None], valid, True)
       tokens.append(h)
       valids.append(valid)
-    z = jnp.stack([self.projections[k](p) for k, p in zip(MODALITIES, pooled)], axis=1)
+    z = jnp.stack([self.projections[k](encoded[k][:, 0]) for k in self.modalities], axis=1)
     z = l2_normalize(z.astype(jnp.float32))
 
-    fused = self.joint(jnp.concatenate(tokens, axis=1), jnp.concatenate(valids, axis=1))
+    fused = jnp.concatenate(tokens, axis=1)
+    if m.joint_layers:
+      fused = self.joint(fused, jnp.concatenate(valids, axis=1))
     starts = np.cumsum([0] + [t.shape[1] for t in tokens])
-    fused_tokens = {k: fused[:, starts[i]:starts[i + 1]] for i, k in enumerate(MODALITIES)}
+    fused_tokens = {k: fused[:, starts[i]:starts[i + 1]] for i, k in enumerate(self.modalities)}
+    # The paper predicts masked tokens from the joint outputs; the released code from each
+    # modality's own encoder.
+    source = fused_tokens if m.masked_heads_on == 'joint' else encoded
     predictions = {}
-    for k in TOKEN_MODALITIES:
-      h = self.token_head(fused_tokens[k])
-      predictions[k] = self.token_embed.attend(h.astype(jnp.float32)) + self.token_bias
-    for k, head in self.patch_heads.items():
-      predictions[k] = head(fused_tokens[k][:, 1:]).astype(jnp.float32)
-    temperature = (jnp.exp(self.log_temperature) if m.learn_temperature
-                   else jnp.float32(m.temperature))
-    return {'z': z,  # [B, M, E] unit contrastive embeddings, before fusion
-            'fused': jnp.stack([fused_tokens[k][:, 0] for k in MODALITIES], 1).astype(jnp.float32),
-            'predictions': predictions, 'temperature': temperature}
+    for k in predicted_modalities(self.config):
+      if k in TOKEN_MODALITIES:
+        h = self.token_head(source[k])
+        predictions[k] = self.token_embed.attend(h.astype(jnp.float32)) + self.token_bias
+      else:
+        predictions[k] = self.patch_heads[k](source[k][:, 1:]).astype(jnp.float32)
+    out = {'z': z,  # [B, M, E] unit contrastive embeddings, before fusion
+           'fused': jnp.stack([fused_tokens[k][:, 0] for k in self.modalities], 1).astype(
+               jnp.float32),  # [B, M, D] each modality's global token after fusion
+           'predictions': predictions,
+           'temperature': (jnp.exp(self.log_temperature) if m.learn_temperature
+                           else jnp.float32(m.temperature))}
+    if m.weighting == 'learned':
+      out['weight_logits'] = self.weight_logits
+    return out
