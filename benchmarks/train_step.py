@@ -58,7 +58,7 @@ def benchmark(config, steps, peak_gflops):
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
-  flops = xla_flops(compiled)
+  flops = xla_flops(compiled, mesh.size)
   state, metrics = compiled(state, batch)  # warm-up
   jax.block_until_ready(metrics)
   t = time.perf_counter()

@@ -62,7 +62,8 @@ def get_config():
   # Coefficient of each objective in the total loss.
   c.loss = dict(contrastive=1.0, mlm=1.0, mem=1.0, mrm=1.0, mfp=1.0, mam=1.0)
 
-  c.optimizer = dict(lr=1e-3, warmup_steps=30, weight_decay=0.05, b1=0.9, b2=0.98, clip_norm=1.0)
+  c.optimizer = dict(lr=1e-3, warmup_steps=30, decay='cosine', weight_decay=0.05, b1=0.9, b2=0.98,
+                     clip_norm=1.0)
   # Device mesh; -1 takes the devices left over. Logical-axis rules live in scale_jax/sharding.py.
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
 

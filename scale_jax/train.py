@@ -36,11 +36,18 @@ class TrainState:
 
 
 def make_optimizer(config):
-  """AdamW with linear warm-up then cosine decay, global-norm clipping, and no weight decay on
-  biases, norms and embeddings (only on `kernel`s)."""
+  """AdamW with linear warm-up then cosine (to 1% of the peak) or linear (to 0) decay, global-norm
+  clipping, and no weight decay on biases, norms and embeddings (only on `kernel`s)."""
   o = config.optimizer
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, o.lr, o.warmup_steps, max(config.total_steps, o.warmup_steps + 1), o.lr * 0.01)
+  decay_steps = max(config.total_steps - o.warmup_steps, 1)
+  if o.decay == 'cosine':
+    decay = optax.cosine_decay_schedule(o.lr, decay_steps, alpha=0.01)
+  elif o.decay == 'linear':  # the paper's schedule
+    decay = optax.linear_schedule(o.lr, 0.0, decay_steps)
+  else:
+    raise ValueError(f"optimizer.decay must be 'cosine' or 'linear', not {o.decay!r}")
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, o.lr, o.warmup_steps), decay], [o.warmup_steps])
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: 'kernel' in jax.tree_util.keystr(path), params)
   tx = optax.chain(optax.clip_by_global_norm(o.clip_norm),
@@ -88,11 +95,15 @@ def make_train_step(model, tx, schedule, config, state_shardings, batch_sharding
   return train_step
 
 
-def xla_flops(compiled) -> float:
-  """FLOPs of one call of a compiled computation, as XLA counts them (all devices)."""
+def xla_flops(compiled, num_devices: int) -> float:
+  """FLOPs of one call of a compiled computation on all devices, as XLA counts them.
+
+  XLA counts the partitioned (per-device) program; work replicated across devices, such as the
+  update of replicated parameters, is counted once per device.
+  """
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0))
+  return float(cost.get('flops', 0.0)) * num_devices
 
 
 def checkpoint_manager(workdir, config):
@@ -171,7 +182,7 @@ def train(config, workdir):
   t = time.perf_counter()
   train_step = make_train_step(model, tx, schedule, config, state_shardings, batch_shardings)
   train_step = train_step.lower(state, batch_shapes).compile()
-  step_flops = xla_flops(train_step)
+  step_flops = xla_flops(train_step, mesh.size)
   print(f'compiled the train step in {time.perf_counter() - t:.1f} s '
         f'({step_flops / 1e9:.1f} GFLOP per step)')
 

@@ -89,5 +89,41 @@ def test_token_and_regression_losses_match_reference():
 
 @pytest.mark.parametrize('bad', ['learned-typo'])
 def test_unknown_weighting_is_refused(bad):
-  with pytest.raises(ValueError, match='weighting must be'):
+  with pytest.raises(ValueError, match='weighting must be one of'):
     losses.harmonized_weights(jnp.ones((1, 5, 2)), jnp.ones((1, 5), bool), bad)
+
+
+def _np_nt_xent(za, zb, va, vb, wab, wba, t):
+  both = np.flatnonzero(va & vb)
+  ab, ba = [], []
+  for i in both:
+    for x, y, vx, vy, w, out in ((za, zb, va, vb, wab, ab), (zb, za, vb, va, wba, ba)):
+      cands = [x[i] @ y[j] / t for j in np.flatnonzero(vy)]
+      cands += [x[i] @ x[j] / t for j in np.flatnonzero(vx) if j != i]
+      out.append(w[i] * -(x[i] @ y[i] / t - np.log(np.exp(cands).sum())))
+  return 0.5 * (np.mean(ab) + np.mean(ba))
+
+
+def test_nt_xent_matches_reference():
+  rng = np.random.default_rng(3)
+  za, zb = (x / np.linalg.norm(x, axis=-1, keepdims=True)
+            for x in rng.normal(size=(2, 9, 4)).astype(np.float32))
+  va, vb = rng.random(9) < 0.8, rng.random(9) < 0.8
+  va[0] = vb[0] = True
+  wab, wba = rng.random(9).astype(np.float32), rng.random(9).astype(np.float32)
+  got = losses.info_nce(*map(jnp.asarray, (za, zb, va, vb, wab, wba)), 0.1, same_modality=True)
+  np.testing.assert_allclose(got, _np_nt_xent(za, zb, va, vb, wab, wba, 0.1), rtol=1e-5)
+
+
+def test_learned_and_none_weightings():
+  present = jnp.array([[True, True, False, True, True]])
+  v = jnp.ones((1, 5, 3))
+  logits = jnp.arange(25.0).reshape(5, 5) / 10
+  g = np.asarray(losses.harmonized_weights(v, present, 'learned', logits))[0]
+  p = np.asarray(present[0])
+  expected = np.exp(np.asarray(logits)) * p[None, :]
+  expected = expected / expected.sum(-1, keepdims=True)
+  expected = expected / np.linalg.norm(expected, axis=-1, keepdims=True) * p[:, None]
+  np.testing.assert_allclose(g, expected, rtol=1e-5)
+  none = np.asarray(losses.harmonized_weights(v, present, 'none'))[0]
+  np.testing.assert_array_equal(none, np.outer(p, p).astype(np.float32))

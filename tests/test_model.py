@@ -36,7 +36,8 @@ def test_absent_modality_content_changes_nothing(setup):
   noisy = dict(batch)
   noisy['image_input'] = batch['image_input'].copy()
   noisy['image_input'][0] = np.random.default_rng(0).normal(size=batch['image_input'][0].shape)
-  out_a, out_b = model.apply({'params': params}, batch), model.apply({'params': params}, noisy)
+  apply = jax.jit(model.apply)
+  out_a, out_b = apply({'params': params}, batch), apply({'params': params}, noisy)
   keep = [i for i, m in enumerate(MODALITIES) if m != 'image']
   np.testing.assert_allclose(out_a['fused'][0, keep], out_b['fused'][0, keep], atol=1e-6)
   (la, ta), _ = loss_and_grad(params, batch)
@@ -75,3 +76,101 @@ def test_mesh_sizes():
       'data': 2, 'fsdp': 2, 'tensor': 1}
   with pytest.raises(ValueError, match='needs 8 devices'):
     sharding.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
+
+
+def _variant(data_dir, modalities=None, **model):
+  from configs import tiny
+  config = tiny.get_config()
+  config.data.dir = data_dir
+  config.modalities = modalities or config.modalities
+  config.model.update(model)
+  return config
+
+
+def _subset(batch, config):
+  """A five-modality batch cut down to the config's modalities."""
+  from scale_jax import active_modalities
+  keep = active_modalities(config)
+  out = {k: v for k, v in batch.items() if k.split('_')[0] in keep or '_' not in k}
+  out['present'] = batch['present'][:, [MODALITIES.index(m) for m in keep]]
+  return out
+
+
+def _loss_and_grads(config, batch):
+  model = build_model(config)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch))['params']
+  fn = lambda p, b: losses.scale_objective(model.apply({'params': p}, b), b, config)
+  (loss, terms), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params, batch)
+  return params, loss, terms, grads
+
+
+def test_shared_encoders_have_one_set_of_parameters(setup, data_dir):
+  _, _, params, batch, _ = setup
+  config = _variant(data_dir, share_text_table=True, share_image_video=True)
+  shared, loss, _, grads = _loss_and_grads(config, batch)
+  assert 'encoders_text' in shared and 'encoders_table' not in shared
+  assert 'encoders_image' in shared and 'encoders_video' not in shared
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  assert count(shared) == count(params) - count(params['encoders_table']) - count(
+      params['encoders_video'])
+  assert np.isfinite(float(loss)) and float(jnp.abs(grads['encoders_text']['ln_final']['scale']).sum()) > 0
+
+
+def _stack_layers(tree):
+  """Per-layer parameters (block_0, block_1, ...) -> the scanned layout ('blocks', stacked)."""
+  if not isinstance(tree, dict):
+    return tree
+  blocks = sorted(k for k in tree if k.startswith('block_'))
+  out = {k: _stack_layers(v) for k, v in tree.items() if k not in blocks}
+  if blocks:
+    out['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *(tree[k] for k in blocks))
+  return out
+
+
+def test_scanned_and_rematerialised_encoders_compute_the_same(setup, data_dir):
+  _, _, _, batch, _ = setup
+  two = ('text', 'image')  # two modalities keep the compile short
+  plain = _variant(data_dir, two, encoder_layers=2, joint_layers=2)
+  scanned = _variant(data_dir, two, encoder_layers=2, joint_layers=2, scan_layers=True,
+                     remat='full')
+  batch = _subset(batch, plain)
+  p_plain, loss_plain, _, g_plain = _loss_and_grads(plain, batch)
+  p_scan, loss_scan, _, _ = _loss_and_grads(scanned, batch)
+  assert p_scan['encoders_text']['blocks']['mlp_in']['kernel'].shape[0] == 2  # stacked layers
+  assert jax.tree.structure(_stack_layers(p_plain)) == jax.tree.structure(p_scan)
+  # The same parameters, laid out per layer or stacked: the same loss and gradients.
+  fn = lambda p, b: losses.scale_objective(build_model(scanned).apply({'params': p}, b), b,
+                                           scanned)[0]
+  loss_s, grads_s = jax.jit(jax.value_and_grad(fn))(_stack_layers(p_plain), batch)
+  np.testing.assert_allclose(loss_s, loss_plain, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6),
+               grads_s, _stack_layers(g_plain))
+
+
+def test_masked_heads_on_encoder_see_only_their_modality(setup, data_dir):
+  _, _, _, batch, _ = setup
+  config = _variant(data_dir, masked_heads_on='encoder')
+  model = build_model(config)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch))['params']
+  other = dict(batch, image_input=batch['image_input'] + 1.0)
+  apply = jax.jit(model.apply)
+  a, b = apply({'params': params}, batch), apply({'params': params}, other)
+  np.testing.assert_allclose(a['predictions']['text'], b['predictions']['text'], atol=1e-6)
+  joint = _variant(data_dir)
+  model = build_model(joint)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch))['params']
+  apply = jax.jit(model.apply)
+  a, b = apply({'params': params}, batch), apply({'params': params}, other)
+  assert np.abs(a['predictions']['text'] - b['predictions']['text']).max() > 1e-4
+
+
+@pytest.mark.parametrize('weighting', ['learned', 'uniform', 'none'])
+def test_weighting_modes_train(setup, data_dir, weighting):
+  _, _, _, batch, _ = setup
+  config = _variant(data_dir, ('text', 'table', 'image'), weighting=weighting,
+                    contrastive='nt_xent', absent='zero', learn_temperature=True)
+  params, loss, terms, grads = _loss_and_grads(config, _subset(batch, config))
+  assert np.isfinite(float(loss))
+  assert float(jnp.abs(grads['log_temperature'])) > 0
+  if weighting == 'learned':
+    assert float(jnp.abs(grads['weight_logits']).sum()) > 0

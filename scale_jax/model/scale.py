@@ -34,11 +34,12 @@ class Scale(nn.Module):
     counts, dims = token_counts(c), patch_dims(c)
     encoder = lambda: Encoder(m.encoder_layers, m.heads, m.mlp_dim, self.dtype, m.remat,
                               m.scan_layers)
-    encoders = {k: encoder() for k in self.modalities}
+    owner = {k: k for k in self.modalities}  # whose encoder each modality runs through
     for switch, (a, b) in SHARED_ENCODERS.items():
-      if m[switch] and a in encoders and b in encoders:
-        encoders[b] = encoders[a]  # one module object: one set of parameters
-    self.encoders = encoders
+      if m[switch] and a in owner and b in owner:
+        owner[b] = a  # b shares a's encoder: one set of parameters, named after a
+    self.encoder_owner = owner
+    self.encoders = {k: encoder() for k in self.modalities if owner[k] == k}
     if any(k in TOKEN_MODALITIES for k in self.modalities):
       # Text and table share one vocabulary, so they share one token embedding (and the MLM/MEM
       # decoders are tied to it).
@@ -107,7 +108,7 @@ class Scale(nn.Module):
     for i, k in enumerate(self.modalities):
       h, valid = self.embed(k, batch)
       # The global token always attends, so no attention row is empty for an absent modality.
-      encoded[k] = h = self.encoders[k](h, valid.at[:, 0].set(True))
+      encoded[k] = h = self.encoders[self.encoder_owner[k]](h, valid.at[:, 0].set(True))
       if m.type_embedding:
         h = h + self.type_embed[i].astype(self.dtype)
       if m.absent == 'zero':  # released code: absent modalities attended to as zero vectors

@@ -1,0 +1,34 @@
+r"""SCALE at the paper's size: 6-layer per-modality encoders and a 6-layer joint co-transformer,
+width 768; 231 joint tokens (text 36, table 64, image 36+1, video 12+1, audio 80+1).
+
+    python -m scale_jax.train --config configs/paper.py --workdir RUN --config.data.dir=M5P_DATA
+
+For M5Product built with `python -m scale_jax.data.build --raw M5P_RAW --out M5P_DATA
+--vocab-size 32000`. The paper trained 5 to 10 epochs at batch 64 with Adam(W), lr 1e-4, 10%
+linear warm-up then linear decay, on 1 to 4 GPUs; on a pod raise batch_size (and lr) and mesh.data.
+Not reproduced: the paper started the text tower from BERT (at lr x 0.1); nothing is downloaded
+here, so every tower starts from scratch.
+On this project's 2-core CPU one step at batch 16 takes seconds (docs/benchmarks.md).
+"""
+from configs import demo
+
+
+def get_config():
+  c = demo.get_config()
+  c.batch_size = 64
+  c.total_steps = 500_000  # ~5 epochs of 6.3M products at batch 64
+  c.log_every = 100
+  c.checkpoint_every = 5_000
+  c.checkpoint_keep = 3
+  c.data.update(num_workers=-1, read_threads=4, prefetch=512)
+  c.text.max_len = 36
+  c.table.max_len = 64
+  c.image.update(size=192, patch=32)  # 6 x 6 = 36 patches (the paper's 36 regions)
+  c.video.update(num_frames=12, frame_size=16, fps=1.0)  # 12 frames at 1 fps
+  # 12 s at 16 kHz, n_fft 1024, hop 256, 80 mel bands; 750 frames cut into 75 x 10 patches: 80.
+  c.audio.update(seconds=12.0, n_fft=1024, hop=256, n_mels=80, frames=750, patch_time=75,
+                 patch_freq=10)
+  c.model.update(vocab_size=32000, width=768, heads=12, mlp_dim=3072, encoder_layers=6,
+                 joint_layers=6, embed_dim=256, dtype='bfloat16')
+  c.optimizer.update(lr=1e-4, warmup_steps=50_000, decay='linear', weight_decay=0.01)
+  return c
