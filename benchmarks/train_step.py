@@ -1,6 +1,7 @@
 r"""Times the jitted SCALE train step of a config on this machine's devices, without input.
 
-    python benchmarks/train_step.py --config configs/demo.py [--peak-gflops 430] [--steps 10]
+    python benchmarks/train_step.py --config configs/demo.py [--batch-size B] [--dtype float32]
+        [--steps 10] [--peak-gflops 430]
 
 Reports seconds per step, examples/s, the step's FLOPs as XLA counts them in the compiled
 program (forward + backward + optimizer, attention included) and the achieved fraction of the
@@ -76,12 +77,15 @@ def main():
   parser.add_argument('--config', default='configs/demo.py')
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--batch-size', type=int, default=None)
+  parser.add_argument('--dtype', default=None, help='override model.dtype (CPU: float32)')
   parser.add_argument('--peak-gflops', type=float, default=430.0,
                       help='peak of the devices together (default: the 2-core CPU machine, f32)')
   args = parser.parse_args()
   config = load_config(args.config)
   if args.batch_size:
     config.batch_size = args.batch_size
+  if args.dtype:
+    config.model.dtype = args.dtype
   r = benchmark(config, args.steps, args.peak_gflops)
   print(f'{args.config} batch {config.batch_size} on {jax.device_count()} x '
         f'{jax.devices()[0].device_kind}: {r["step_s"]:.3f} s/step, '
