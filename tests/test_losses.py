@@ -47,15 +47,21 @@ def _np_info_nce(za, zb, va, vb, wab, wba, t):
   return 0.5 * (np.mean(ab) + np.mean(ba))
 
 
-def test_info_nce_matches_reference():
-  rng = np.random.default_rng(1)
+def _random_pair(seed, n):
+  """Unit vectors of two modalities, their presence (some absent) and per-product weights."""
+  rng = np.random.default_rng(seed)
   za, zb = (x / np.linalg.norm(x, axis=-1, keepdims=True)
-            for x in rng.normal(size=(2, 10, 4)).astype(np.float32))
-  va, vb = rng.random(10) < 0.8, rng.random(10) < 0.8
+            for x in rng.normal(size=(2, n, 4)).astype(np.float32))
+  va, vb = rng.random(n) < 0.8, rng.random(n) < 0.8
   va[0] = vb[0] = True
-  wab, wba = rng.random(10).astype(np.float32), rng.random(10).astype(np.float32)
-  got = losses.info_nce(*map(jnp.asarray, (za, zb, va, vb, wab, wba)), 0.07)
-  np.testing.assert_allclose(got, _np_info_nce(za, zb, va, vb, wab, wba, 0.07), rtol=1e-5)
+  wab, wba = rng.random(n).astype(np.float32), rng.random(n).astype(np.float32)
+  return za, zb, va, vb, wab, wba
+
+
+def test_info_nce_matches_reference():
+  args = _random_pair(1, 10)
+  got = losses.info_nce(*map(jnp.asarray, args), 0.07)
+  np.testing.assert_allclose(got, _np_info_nce(*args, 0.07), rtol=1e-5)
 
 
 def test_info_nce_gradient_is_finite_when_a_side_is_absent_everywhere():
@@ -105,14 +111,9 @@ def _np_nt_xent(za, zb, va, vb, wab, wba, t):
 
 
 def test_nt_xent_matches_reference():
-  rng = np.random.default_rng(3)
-  za, zb = (x / np.linalg.norm(x, axis=-1, keepdims=True)
-            for x in rng.normal(size=(2, 9, 4)).astype(np.float32))
-  va, vb = rng.random(9) < 0.8, rng.random(9) < 0.8
-  va[0] = vb[0] = True
-  wab, wba = rng.random(9).astype(np.float32), rng.random(9).astype(np.float32)
-  got = losses.info_nce(*map(jnp.asarray, (za, zb, va, vb, wab, wba)), 0.1, same_modality=True)
-  np.testing.assert_allclose(got, _np_nt_xent(za, zb, va, vb, wab, wba, 0.1), rtol=1e-5)
+  args = _random_pair(3, 9)
+  got = losses.info_nce(*map(jnp.asarray, args), 0.1, same_modality=True)
+  np.testing.assert_allclose(got, _np_nt_xent(*args, 0.1), rtol=1e-5)
 
 
 def test_learned_and_none_weightings():
