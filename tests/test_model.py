@@ -174,3 +174,12 @@ def test_weighting_modes_train(setup, data_dir, weighting):
   assert float(jnp.abs(grads['log_temperature'])) > 0
   if weighting == 'learned':
     assert float(jnp.abs(grads['weight_logits']).sum()) > 0
+
+
+def test_bfloat16_compute_keeps_float32_parameters(setup, data_dir):
+  _, _, _, batch, _ = setup
+  config = _variant(data_dir, ('text', 'image', 'audio'), dtype='bfloat16')
+  params, loss, terms, grads = _loss_and_grads(config, _subset(batch, config))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(grads))
+  assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in terms.values())
