@@ -9,7 +9,6 @@ peak (MFU). The default peak is this project's CPU machine: f32 matmul on 2 core
 Record results, with the machine, in docs/benchmarks.md.
 """
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -21,15 +20,9 @@ import numpy as np
 
 from scale_jax import sharding
 from scale_jax.data import pipeline
+from scale_jax.model_info import load_config
 from scale_jax.train import (build_model, make_optimizer, make_train_step, sharded_state_init,
                              xla_flops)
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location('benchmark_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def random_batch(config, rng):

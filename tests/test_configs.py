@@ -1,8 +1,5 @@
 """Every config shapes (paper and large are shaped, never run); model_info's FLOP formula."""
-import importlib.util
-
 import jax
-import numpy as np
 import pytest
 
 from scale_jax import active_modalities, losses, model_info, sharding

@@ -208,8 +208,9 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1) -> gra
   source = open_split(config.data.dir, 'train')
   ds = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat()
   ds = ds[process_index::process_count]
-  ds = ds.map(Preprocess(_plain(config)))
-  ds = ds.random_map(Mask(_plain(config), config.model.vocab_size), seed=config.seed)
+  cfg = _plain(config)
+  ds = ds.map(Preprocess(cfg))
+  ds = ds.random_map(Mask(cfg, config.model.vocab_size), seed=config.seed)
   ds = ds.to_iter_dataset(_read_options(config))
   ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
   workers = config.data.num_workers
