@@ -106,9 +106,15 @@ def _mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
 
 
 def log_mel(wave: np.ndarray, sample_rate: int, n_fft: int, hop: int, n_mels: int) -> np.ndarray:
-  """Log-mel spectrogram [frames, n_mels]: Hann-windowed power STFT, mel filters, log(x + 1e-6)."""
-  _, _, spec = scipy.signal.stft(wave, fs=sample_rate, window='hann', nperseg=n_fft,
+  """Log-mel spectrogram [frames, n_mels]: Hann-windowed power STFT, mel filters, log(x + 1e-6).
+
+  Matches librosa.feature.melspectrogram(center=False, power=2.0, htk=True, norm=None) followed
+  by log(x + 1e-6); tests/test_mel.py checks this against a stored librosa reference.
+  """
+  window = scipy.signal.get_window('hann', n_fft)  # periodic Hann, as librosa's
+  _, _, spec = scipy.signal.stft(wave, fs=sample_rate, window=window, nperseg=n_fft,
                                  noverlap=n_fft - hop, boundary=None, padded=False,
                                  scaling='spectrum')
-  power = np.abs(spec.T) ** 2  # [frames, n_fft // 2 + 1]
+  # scaling='spectrum' divides the FFT by window.sum(); undo it for the plain |FFT|^2 power.
+  power = np.abs(spec.T * window.sum()) ** 2  # [frames, n_fft // 2 + 1]
   return np.log(power @ _mel_filterbank(sample_rate, n_fft, n_mels) + 1e-6).astype(np.float32)
