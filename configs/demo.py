@@ -34,10 +34,13 @@ def get_config():
   # frames at 1 fps, audio 12 s at 16 kHz with n_fft 1024 / hop 256 / 80 mel bands.
   c.text = dict(max_len=16, mask_rate=0.15)
   c.table = dict(max_len=32, mask_rate=0.15)
-  c.image = dict(size=32, patch=8, mask_rate=0.15)
-  c.video = dict(num_frames=4, frame_size=12, fps=1.0, mask_rate=0.15)
+  # source='features' reads the product's pre-extracted `{m}_features` array (docs/data.md)
+  # instead of decoding media: its first feature_tokens rows of feature_dim values each.
+  features = dict(source='media', feature_tokens=0, feature_dim=0)
+  c.image = dict(size=32, patch=8, mask_rate=0.15, **features)
+  c.video = dict(num_frames=4, frame_size=12, fps=1.0, mask_rate=0.15, **features)
   c.audio = dict(sample_rate=16000, seconds=2.0, n_fft=512, hop=256, n_mels=32, frames=112,
-                 patch_time=16, patch_freq=16, mask_rate=0.15)
+                 patch_time=16, patch_freq=16, mask_rate=0.15, **features)
 
   c.modalities = ('text', 'table', 'image', 'video', 'audio')  # any subset, e.g. ('text', 'image')
   c.model = dict(

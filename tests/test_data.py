@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from scale_jax import MODALITIES
+from configs import tiny
 from scale_jax.data import build, media, pipeline, raw, synthetic, tokenizer
 
 
@@ -16,46 +17,242 @@ def test_parse_table_official_string():
     raw.parse_table('color=red')
 
 
-def _copy_raw(raw_dir, tmp_path, edit):
-  """A copy of the catalogue whose first product is changed by edit(record, root)."""
-  root = tmp_path / 'raw'
-  shutil.copytree(raw_dir, root)
-  lines = (root / 'manifest.jsonl').read_text(encoding='utf-8').splitlines()
-  record = json.loads(lines[0])
-  lines[0] = edit(record, root)
-  (root / 'manifest.jsonl').write_text('\n'.join(lines) + '\n', encoding='utf-8')
-  return root
-
-
 def test_missing_manifest_names_the_file(tmp_path):
   with pytest.raises(raw.RawDataError, match=f'{tmp_path}/manifest.jsonl: manifest not found'):
     build.build(str(tmp_path), str(tmp_path / 'out'), progress=False)
 
 
-def test_broken_line_names_file_and_line(raw_dir, tmp_path):
-  root = _copy_raw(raw_dir, tmp_path, lambda r, _: '{"item_id": "p0", ')
-  with pytest.raises(raw.RawDataError, match=r'manifest.jsonl:1: not a JSON object'):
-    raw.read_manifest(str(root / 'manifest.jsonl'))
+def test_table_forms():
+  assert raw.parse_table([['颜色', '红色'], ['size', 'XL']]) == [('颜色', '红色'), ('size', 'XL')]
+  assert raw.parse_table({'size': 'XL'}) == [('size', 'XL')]
+  for bad in ([['only a key']], 42, [[1, 'x']]):
+    with pytest.raises(ValueError):
+      raw.parse_table(bad)
 
 
-def test_missing_media_file_names_it(raw_dir, tmp_path):
-  def edit(r, _):
-    r['image'] = 'images/nope.jpg'
-    return json.dumps(r)
-  root = _copy_raw(raw_dir, tmp_path, edit)
-  with pytest.raises(raw.RawDataError, match=r'images/nope.jpg: image file named on .* not exist'):
-    raw.read_manifest(str(root / 'manifest.jsonl'))
+def tiny_config(data_dir):
+  c = tiny.get_config()
+  c.data.dir = data_dir
+  return c
 
 
-@pytest.mark.parametrize('field', ['image', 'video', 'audio'])
-def test_undecodable_media_names_the_file(raw_dir, tmp_path, field):
+def _sound_video(root, name):
+  """An MP4 whose sound track is a 440 Hz tone."""
+  t = np.arange(16000) / 16000
+  data = synthetic.encode_mp4(np.full((2, 16, 16, 3), 128, np.uint8), 2,
+                              audio=0.5 * np.sin(2 * np.pi * 440 * t))
+  (root / name).write_bytes(data)
+  return name
+
+
+# Each corruption: (what it does to a manifest record, the problem kind counted, the modality
+# that must end up absent; None: the line/product is skipped).
+def _truncate(field, fraction):
   def edit(r, root):
-    (root / 'broken.bin').write_bytes(b'\x00not media at all' * 10)
-    r[field] = 'broken.bin'
-    return json.dumps(r)
-  root = _copy_raw(raw_dir, tmp_path, edit)
-  with pytest.raises(raw.RawDataError, match=f'broken.bin: cannot decode {field}'):
-    build.build(str(root), str(tmp_path / 'out'), progress=False)
+    path = root / r[field]
+    path.write_bytes(path.read_bytes()[:int(len(path.read_bytes()) * fraction)])
+  return edit
+
+
+def _replace(field, value):
+  def edit(r, root):
+    r[field] = value
+  return edit
+
+
+def _write(field, name, data):
+  def edit(r, root):
+    (root / name).write_bytes(data)
+    r[field] = name
+  return edit
+
+
+def _nan_features(r, root):
+  np.save(root / 'nan.npy', np.full((3, 8), np.nan, np.float32))
+  r['image_features'] = 'nan.npy'
+
+
+def _nothing_left(r, root):
+  r.update(caption='', tabular=None, image=None, video=None, audio='missing.wav')
+
+
+CORRUPTIONS = {
+    'corrupt jpeg': (_truncate('image', 0.3), 'corrupt image', 'image'),
+    'truncated mp4': (_truncate('video', 0.5), 'corrupt video', 'video'),
+    'empty audio': (_write('audio', 'empty.wav', b''), 'corrupt audio', 'audio'),
+    'corrupt audio': (_write('audio', 'noise.wav', b'RIFF\x00\x01garbage' * 8), 'corrupt audio',
+                      'audio'),
+    'missing file': (_replace('image', 'images/nope.jpg'), 'missing file', 'image'),
+    'malformed table': (_replace('tabular', 'color=red'), 'malformed table', 'table'),
+    'undecodable text': (_replace('caption', 'UNDECODABLE'), 'undecodable text', 'text'),
+    'broken line': (None, 'broken line', None),
+    'nan features': (_nan_features, 'corrupt features', None),
+    'no usable modality': (_nothing_left, 'no usable modality', None),
+}
+
+
+def _corrupt_catalogue(raw_dir, root, kinds):
+  """A copy of the catalogue whose line i gets the i-th corruption of `kinds`. Returns the
+  original records."""
+  shutil.copytree(raw_dir, root)
+  lines = (root / 'manifest.jsonl').read_text(encoding='utf-8').splitlines()
+  originals = [json.loads(line) for line in lines]
+  donor = next(r for r in originals if all(r[f] for f in raw.MEDIA))
+  out = [line.encode('utf-8') for line in lines]
+  for i, kind in enumerate(kinds):
+    record = dict(originals[i], image=f'images/{originals[i]["item_id"]}.jpg',
+                  video=f'videos/{originals[i]["item_id"]}.mp4',
+                  audio=f'audio/{originals[i]["item_id"]}.wav', caption='a caption',
+                  tabular='colour#:#red')  # every modality present before the corruption
+    for field in raw.MEDIA:
+      if not (root / record[field]).exists():  # the generator left it out: borrow the donor's
+        shutil.copy(root / donor[field], root / record[field])
+    edit = CORRUPTIONS[kind][0]
+    if edit is None:
+      out[i] = b'{"item_id": "' + record['item_id'].encode() + b'", '
+      continue
+    edit(record, root)
+    out[i] = json.dumps(record, ensure_ascii=False).encode('utf-8').replace(
+        b'UNDECODABLE', b'caf\xe9 \xff\xfe')  # Latin-1 bytes, not UTF-8
+  (root / 'manifest.jsonl').write_bytes(b'\n'.join(out) + b'\n')
+  return originals
+
+
+def _built_products(data_dir):
+  products = {}
+  for split in ('train', 'test'):
+    source = pipeline.open_split(data_dir, split)
+    for i in range(len(source)):
+      ex = source[i]
+      products[pipeline._item_id(ex)] = ex
+  return products
+
+
+def test_bad_input_is_counted_and_the_product_kept(raw_dir, tmp_path):
+  kinds = list(CORRUPTIONS)
+  originals = _corrupt_catalogue(raw_dir, tmp_path / 'raw', kinds)
+  problems = build.build(str(tmp_path / 'raw'), str(tmp_path / 'out'), vocab_size=400,
+                         progress=False, workers=2)
+  expected = {}
+  for kind in kinds:
+    expected[CORRUPTIONS[kind][1]] = expected.get(CORRUPTIONS[kind][1], 0) + 1
+  expected['missing file'] += 1  # the product with nothing left also named a missing file
+  assert dict(problems.counts) == expected
+  assert 'corrupt audio' in problems.summary() and '2 corrupt audio' in problems.summary()
+  with open(build.report_path(str(tmp_path / 'out')), encoding='utf-8') as f:
+    report = json.load(f)
+  assert report['problems'] == expected and len(report['details']) == sum(expected.values())
+  assert any(d['where'].endswith('images/nope.jpg') for d in report['details'])
+
+  products = _built_products(str(tmp_path / 'out'))
+  assert len(products) == len(originals) - 2  # the broken line and the empty product skipped
+  for i, kind in enumerate(kinds):
+    _, _, absent = CORRUPTIONS[kind]
+    item_id = originals[i]['item_id']
+    if kind in ('broken line', 'no usable modality'):
+      assert item_id not in products
+      continue
+    present = dict(zip(MODALITIES, products[item_id]['present']))
+    assert present == {m: m != absent for m in MODALITIES}, kind
+    if kind == 'nan features':
+      assert not products[item_id]['features_present'].any()
+
+
+@pytest.mark.parametrize('kind', ['corrupt jpeg', 'truncated mp4', 'empty audio', 'missing file',
+                                  'malformed table', 'undecodable text', 'broken line'])
+def test_strict_stops_at_the_first_problem_naming_the_file(raw_dir, tmp_path, kind):
+  _corrupt_catalogue(raw_dir, tmp_path / 'raw', [kind])
+  with pytest.raises(raw.RawDataError) as error:
+    build.build(str(tmp_path / 'raw'), str(tmp_path / 'out'), progress=False, strict=True)
+  message = str(error.value)
+  names_file = {'corrupt jpeg': '.jpg: cannot decode image', 'truncated mp4': '.mp4: cannot decode',
+                'empty audio': 'empty.wav: ', 'missing file': 'images/nope.jpg: image file'}
+  assert names_file.get(kind, 'manifest.jsonl:1: ') in message, message
+  assert not os.path.exists(build.dataset_dir(str(tmp_path / 'out')))
+
+
+def test_rebuild_gives_the_same_dataset(raw_dir, data_dir, tmp_path):
+  out = tmp_path / 'again'
+  shutil.copytree(data_dir, out)
+  build.build(raw_dir, str(out), vocab_size=400, progress=False)
+  build.build(raw_dir, str(out), vocab_size=400, progress=False)  # over its own output
+  with open(build.tokenizer_path(data_dir), 'rb') as a, open(build.tokenizer_path(out), 'rb') as b:
+    assert a.read() == b.read()
+  for split in ('train', 'test'):
+    first, second = pipeline.open_split(data_dir, split), pipeline.open_split(str(out), split)
+    assert len(first) == len(second)
+    for i in range(len(first)):
+      x, y = first[i], second[i]
+      for k in x:
+        assert np.array_equal(x[k], y[k]), (split, i, k)
+
+
+def test_chinese_text_pairs_table_and_a_videos_sound_track(raw_dir, tmp_path):
+  root = tmp_path / 'raw'
+  shutil.copytree(raw_dir, root)
+  lines = (root / 'manifest.jsonl').read_text(encoding='utf-8').splitlines()
+  record = json.loads(lines[0])
+  video = _sound_video(root, 'sound.mp4')
+  record.update(caption='纯棉 T恤 男款 夏季', tabular=[['颜色', '白色'], ['尺码', 'XL']],
+                video=video, audio=video)
+  lines[0] = json.dumps(record, ensure_ascii=False)
+  (root / 'manifest.jsonl').write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  out = str(tmp_path / 'out')
+  assert not build.build(str(root), out, vocab_size=400, progress=False)
+  ex = _built_products(out)[record['item_id']]
+  tok = tokenizer.load_tokenizer(build.tokenizer_path(out))
+  assert tok.decode(ex['caption_tokens'].tolist()) == record['caption']
+  assert tok.decode(ex['table_tokens'][ex['table_entities'] == 3].tolist()) == '尺码'
+  assert ex['audio_in_video'] and ex['present'].all()
+  cfg = pipeline._plain(tiny_config(out))
+  batch = pipeline.Preprocess(cfg).map(ex)
+  assert batch['audio_valid'].all() and batch['video_valid'][0]
+  spec = batch['audio_input']
+  assert np.abs(spec).max() > 0  # the 440 Hz track, standardised
+
+
+def test_features_mode(raw_dir, tmp_path):
+  root = tmp_path / 'raw'
+  shutil.copytree(raw_dir, root)
+  lines = (root / 'manifest.jsonl').read_text(encoding='utf-8').splitlines()
+  rng = np.random.default_rng(0)
+  features = {}
+  for i in range(0, len(lines), 2):  # every other product brings pre-extracted image features
+    record = json.loads(lines[i])
+    features[record['item_id']] = rng.normal(size=(int(rng.integers(2, 7)), 24)).astype(
+        np.float32)
+    np.save(root / f'{record["item_id"]}.npy', features[record['item_id']])
+    record['image_features'] = f'{record["item_id"]}.npy'
+    lines[i] = json.dumps(record, ensure_ascii=False)
+  (root / 'manifest.jsonl').write_text('\n'.join(lines) + '\n', encoding='utf-8')
+  out = str(tmp_path / 'out')
+  build.build(str(root), out, vocab_size=400, progress=False)
+  config = tiny_config(out)
+  config.image.update(source='features', feature_tokens=4, feature_dim=24)
+  assert pipeline.token_counts(config)['image'] == 5
+  assert pipeline.patch_dims(config)['image'] == 24
+  source = pipeline.open_split(out, 'train')
+  preprocess = pipeline.Preprocess(pipeline._plain(config))
+  image = MODALITIES.index('image')
+  seen = 0
+  for i in range(len(source)):
+    ex = preprocess.map(source[i])
+    stored = features.get(pipeline._item_id(source[i]))
+    assert ex['present'][image] == (stored is not None)
+    if stored is not None:
+      n = min(len(stored), 4)
+      np.testing.assert_array_equal(ex['image_input'][:n], stored[:n])
+      assert ex['image_valid'].sum() == n and not ex['image_input'][n:].any()
+      seen += 1
+  assert seen > 10
+  batch = next(iter(pipeline.train_dataset(config)))
+  spec = pipeline.dummy_batch(config, config.batch_size)
+  assert {k: v.shape for k, v in batch.items()} == {k: v.shape for k, v in spec.items()}
+  config.image.feature_dim = 16
+  with pytest.raises(ValueError, match='image features have 24 values per token but '
+                                       'config.image.feature_dim is 16'):
+    for i in range(len(source)):
+      pipeline.Preprocess(pipeline._plain(config)).map(source[i])
 
 
 def test_frame_conversion_matches_ffmpeg():
@@ -126,16 +323,49 @@ def _fingerprints(batch):
 
 def test_processes_read_disjoint_shares_covering_the_split(config, data_dir):
   n = len(pipeline.open_split(data_dir, 'train'))
-  config.batch_size = 2  # one example per process per step
-  shares = []
-  for p in range(2):
-    it = iter(pipeline.train_dataset(config, process_index=p, process_count=2))
-    shares.append([f for _ in range(n // 2) for f in _fingerprints(next(it))])
-  assert not set(shares[0]) & set(shares[1])
-  assert len(set(shares[0]) | set(shares[1])) == 2 * (n // 2)  # one epoch, every product once
-  whole = iter(pipeline.train_dataset(config, process_index=0, process_count=1))
-  one_process = {f for _ in range(n // 2) for f in _fingerprints(next(whole))}
-  assert one_process == set(shares[0]) | set(shares[1])
+  config.batch_size = 4
+  steps = n // 4  # one epoch
+  whole = iter(pipeline.train_dataset(config))
+  shares = [iter(pipeline.train_dataset(config, process_index=p, process_count=2))
+            for p in range(2)]
+  seen = [[], []]
+  for _ in range(steps):
+    global_batch = next(whole)
+    local = [next(s) for s in shares]
+    for p in range(2):
+      seen[p] += _fingerprints(local[p])
+    # Process p holds rows [2p, 2p + 2) of the single-process batch: masks included.
+    for k in global_batch:
+      np.testing.assert_array_equal(np.concatenate([local[0][k], local[1][k]]), global_batch[k])
+  assert not set(seen[0]) & set(seen[1])
+  assert len(set(seen[0]) | set(seen[1])) == 4 * steps  # every product of the epoch, once
+
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_resume_mid_epoch_continues_identically(config, workers):
+  config.data.num_workers = workers
+  it = iter(pipeline.train_dataset(config))
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  resumed = iter(pipeline.train_dataset(config))
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_masks_change_with_the_epoch(config, data_dir):
+  n = len(pipeline.open_split(data_dir, 'train'))
+  config.batch_size = 1
+  it = iter(pipeline.train_dataset(config))
+  epochs = [{_fingerprints(b)[0]: b for b in (next(it) for _ in range(n))} for _ in range(2)]
+  assert set(epochs[0]) == set(epochs[1])  # both epochs hold every product once
+  same = [np.array_equal(epochs[0][k][f'{m}_masked'], epochs[1][k][f'{m}_masked'])
+          for k in epochs[0] for m in MODALITIES]
+  assert not all(same)
 
 
 def test_masks(config):
@@ -152,13 +382,13 @@ def test_mem_masks_whole_entities(config):
   source = pipeline.open_split(config.data.dir, 'train')
   pre = pipeline.Preprocess(pipeline._plain(config))
   config.table.mask_rate = 0.5
-  mask = pipeline.Mask(pipeline._plain(config), config.model.vocab_size)
+  mask = pipeline.Mask(pipeline._plain(config), config.model.vocab_size, 0, len(source))
   rng = np.random.default_rng(0)
   hits = 0
   for i in range(20):
     ex = pre.map(source[i])
     entities = ex['table_entities'].copy()
-    out = mask.random_map(ex, rng)
+    out = mask.draw(ex, rng)
     for e in np.unique(entities[out['table_masked']]):
       assert e > 0  # never a [SEP]
       assert out['table_masked'][entities == e].all()  # the whole key or value

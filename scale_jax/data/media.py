@@ -73,20 +73,64 @@ def decode_video(data: bytes, num_frames: int, size: int, fps: float) -> tuple[n
   return out, count
 
 
+def _read_sound_track(data: bytes) -> tuple[np.ndarray, int]:
+  """The first audio stream of any container FFmpeg reads (an MP4's sound track, AAC, MP3):
+  (float32 [samples], rate), mixed to mono."""
+  chunks, rate = [], None
+  with av.open(io.BytesIO(data)) as container:
+    if not container.streams.audio:
+      raise MediaError('no audio stream in the file')
+    stream = container.streams.audio[0]
+    for frame in container.decode(stream):
+      rate = frame.sample_rate
+      samples = frame.to_ndarray().astype(np.float32)  # [channels, n] planar or [1, n * ch]
+      if not frame.format.is_planar:
+        samples = samples.reshape(-1, len(frame.layout.channels)).T
+      if frame.format.name.startswith(('s16', 's32')):  # integer PCM -> [-1, 1]
+        samples /= float(2 ** (8 * frame.format.bytes - 1))
+      chunks.append(samples.mean(axis=0))
+  if not chunks:
+    raise MediaError('audio is empty')
+  return np.concatenate(chunks), rate
+
+
 def decode_audio(data: bytes, sample_rate: int, seconds: float) -> np.ndarray:
-  """WAV/FLAC/OGG bytes -> mono float32 waveform at sample_rate, first `seconds`, zero-padded."""
+  """Audio bytes -> mono float32 waveform at sample_rate, first `seconds`, zero-padded.
+
+  WAV/FLAC/OGG through libsndfile; anything else FFmpeg reads (an MP4 video's sound track
+  included) through PyAV.
+  """
   try:
     wave, rate = soundfile.read(io.BytesIO(data), dtype='float32', always_2d=True)
-  except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
-    raise MediaError(f'cannot decode audio: {e}') from e
+    wave = wave.mean(axis=1)
+  except (soundfile.LibsndfileError, RuntimeError, TypeError):
+    try:
+      wave, rate = _read_sound_track(data)
+    except (av.FFmpegError, IndexError, ValueError) as e:
+      raise MediaError(f'cannot decode audio: {e}') from e
   if wave.size == 0:
     raise MediaError('audio is empty')
-  wave = wave.mean(axis=1)
   if rate != sample_rate:
     g = np.gcd(rate, sample_rate)
     wave = scipy.signal.resample_poly(wave, sample_rate // g, rate // g).astype(np.float32)
   length = int(sample_rate * seconds)
   return np.pad(wave[:length], (0, max(0, length - wave.shape[0])))
+
+
+def decode_features(data: bytes) -> np.ndarray:
+  """.npy bytes of a pre-extracted [tokens, dim] (or [dim]) array -> float32 [tokens, dim]."""
+  try:
+    x = np.load(io.BytesIO(data), allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise MediaError(f'cannot read features: {e}') from e
+  if x.ndim == 1:
+    x = x[None]
+  if x.ndim != 2 or not x.size or not np.issubdtype(x.dtype, np.number):
+    raise MediaError(f'features must be a non-empty numeric [tokens, dim] array, not '
+                     f'{x.dtype} {list(x.shape)}')
+  if not np.isfinite(x).all():
+    raise MediaError('features hold NaN or Inf')
+  return x.astype(np.float32)
 
 
 def _mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:

@@ -8,14 +8,18 @@ Per modality m a batch holds
   {m}_target  int32 [B, L]: the original tokens (token modalities, training batches only);
 plus `present` bool [B, M] (the config's modalities, in MODALITIES order), `label` and
 `instance` int32 [B]. Only the config's modalities (`config.modalities`) are read and decoded.
+A media modality whose config says `source='features'` reads the product's pre-extracted array
+instead of decoding its media: `{m}_input` float32 [B, feature_tokens, feature_dim].
 
 Everything here is numpy: it runs in Grain worker processes, which must not touch JAX devices.
 """
 import dataclasses
 import os
+import zlib
 
 import grain
 import numpy as np
+from absl import flags
 import tensorflow_datasets as tfds
 
 from scale_jax import MODALITIES, active_modalities
@@ -91,14 +95,44 @@ def _audio(ex, present, c):
   patches."""
   spec = np.zeros((c['frames'], c['n_mels']), np.float32)
   if present:
-    wave = media.decode_audio(ex['audio'], c['sample_rate'], c['seconds'])
+    data = ex['video'] if ex['audio_in_video'] else ex['audio']  # a video's sound track
+    wave = media.decode_audio(data, c['sample_rate'], c['seconds'])
     mel = media.log_mel(wave, c['sample_rate'], c['n_fft'], c['hop'], c['n_mels'])[:c['frames']]
     spec[:len(mel)] = (mel - mel.mean()) / (mel.std() + 1e-5)
   patches = patchify(spec[..., None], c['patch_time'], c['patch_freq'])
   return {'audio_input': patches, 'audio_valid': np.full(len(patches), present)}
 
 
+def _features(modality):
+  """Pre-extracted features: the first feature_tokens rows of the stored [tokens, dim] array."""
+  def preprocess(ex, present, c):
+    out = np.zeros((c['feature_tokens'], c['feature_dim']), np.float32)
+    count = 0
+    if present:
+      x = media.decode_features(ex[f'{modality}_features'])[:c['feature_tokens']]
+      if x.shape[1] != c['feature_dim']:
+        raise ValueError(f'product {_item_id(ex)}: {modality} features have {x.shape[1]} '
+                         f'values per token but config.{modality}.feature_dim is '
+                         f'{c["feature_dim"]}')
+      count = len(x)
+      out[:count] = x
+    return {f'{modality}_input': out, f'{modality}_valid': np.arange(len(out)) < count}
+  return preprocess
+
+
 PREPROCESS = {'text': _text, 'table': _table, 'image': _image, 'video': _video, 'audio': _audio}
+
+
+def _uses_features(c) -> bool:
+  source = c.get('source', 'media')
+  if source not in ('media', 'features'):
+    raise ValueError(f"a modality's source must be 'media' or 'features', not {source!r}")
+  return source == 'features'
+
+
+def _item_id(ex) -> str:
+  item_id = ex['item_id']
+  return item_id.decode('utf-8') if isinstance(item_id, bytes) else str(item_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,24 +143,45 @@ class Preprocess(grain.transforms.Map):
 
   def map(self, ex):
     modalities = self.cfg['modalities']
-    stored_present = dict(zip(MODALITIES, np.asarray(ex['present'], bool)))
-    present = np.array([stored_present[m] for m in modalities])
-    out = {'present': present, 'label': np.int32(ex['label']),
-           'instance': np.int32(ex['instance_id'])}
-    for m, p in zip(modalities, present):
-      out.update(PREPROCESS[m](ex, bool(p), self.cfg[m]))
+    media_present = dict(zip(MODALITIES, np.asarray(ex['present'], bool)))
+    features_present = dict(zip(MODALITIES, np.asarray(ex['features_present'], bool)))
+    out = {'label': np.int32(ex['label']), 'instance': np.int32(ex['instance_id']),
+           # Seeds this product's masks (see Mask); dropped before batches leave the pipeline.
+           'product_key': np.uint32(zlib.crc32(_item_id(ex).encode('utf-8')))}
+    present = []
+    for m in modalities:
+      if _uses_features(self.cfg[m]):
+        present.append(features_present[m])
+        out.update(_features(m)(ex, bool(present[-1]), self.cfg[m]))
+      else:
+        present.append(media_present[m])
+        out.update(PREPROCESS[m](ex, bool(present[-1]), self.cfg[m]))
+    out['present'] = np.array(present)
     return out
 
 
 @dataclasses.dataclass(frozen=True)
-class Mask(grain.transforms.RandomMap):
-  """Draws the masks of the masked objectives. Grain seeds `rng` from (seed, record index), and
-  the index grows with the epoch under repeat(), so masks are reproducible and differ per epoch."""
+class Mask(grain.transforms.MapWithIndex):
+  """Draws the masks of the masked objectives from (seed, product, epoch) alone.
+
+  Applied to the endless stream of shuffled epochs, where `index // epoch_length` is the epoch.
+  The masks of a product do not depend on where the shuffle put it nor on how many processes
+  share the stream, so a multi-host run sees the masks of a single-host one, and they change
+  from epoch to epoch.
+  """
   cfg: dict
   vocab_size: int
+  seed: int
+  epoch_length: int
 
-  def random_map(self, ex, rng):
+  def map_with_index(self, index, ex):
     ex = dict(ex)
+    epoch = index // self.epoch_length
+    rng = np.random.default_rng([self.seed, int(ex.pop('product_key')), epoch])
+    return self.draw(ex, rng)
+
+  def draw(self, ex, rng):
+    """Adds `{m}_masked` (and corrupts token inputs, keeping `{m}_target`) for each modality."""
     for m in self.cfg['modalities']:
       rate, valid = self.cfg[m]['mask_rate'], ex[f'{m}_valid']
       if m == 'text':  # MLM: 15% of word pieces, never [CLS]/[SEP]
@@ -159,14 +214,16 @@ def token_counts(config) -> dict:
       'image': lambda c: (c.size // c.patch) ** 2 + 1,
       'video': lambda c: c.num_frames + 1,
       'audio': lambda c: (c.frames // c.patch_time) * (c.n_mels // c.patch_freq) + 1}
-  return {m: counts[m](config[m]) for m in active_modalities(config)}
+  return {m: config[m].feature_tokens + 1 if _uses_features(config[m]) else counts[m](config[m])
+          for m in active_modalities(config)}
 
 
 def patch_dims(config) -> dict:
   """Feature size of one patch/frame of each continuous modality (what MRM/MFP/MAM regress)."""
   dims = {'image': lambda c: c.patch ** 2 * 3, 'video': lambda c: c.frame_size ** 2 * 3,
           'audio': lambda c: c.patch_time * c.patch_freq}
-  return {m: dims[m](config[m]) for m in active_modalities(config) if m in dims}
+  return {m: config[m].feature_dim if _uses_features(config[m]) else dims[m](config[m])
+          for m in active_modalities(config) if m in dims}
 
 
 def dummy_batch(config, batch_size: int, train: bool = True) -> dict:
@@ -192,31 +249,39 @@ def _plain(config) -> dict:
   return {'modalities': modalities, **{m: dict(config[m]) for m in modalities}}
 
 
-def _read_options(config):
+def _read_options(config, batch_size):
+  """Threads and read-ahead; config.data.prefetch counts examples, Grain's buffer elements."""
   return grain.ReadOptions(num_threads=config.data.read_threads,
-                           prefetch_buffer_size=config.data.prefetch)
+                           prefetch_buffer_size=max(1, -(-config.data.prefetch // batch_size)))
+
+
+def num_workers(config) -> int:
+  """config.data.num_workers, with -1 (auto) leaving most cores to the train step."""
+  workers = config.data.num_workers
+  return max(0, (os.cpu_count() or 1) // 4) if workers < 0 else workers
 
 
 def train_dataset(config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Endless shuffled training batches of this process's share (batch_size / process_count).
+  """Endless shuffled training batches: this process's share, batch_size / process_count rows.
 
-  Global shuffle of the whole split (reshuffled every epoch), then each process takes every
-  process_count-th record, so shares are disjoint and together cover the split.
+  One global stream for all processes: the whole split shuffled (reshuffled every epoch), masks
+  drawn, cut into global batches. Process p reads rows [p * b, (p + 1) * b) of each global batch
+  (b = batch_size / process_count) and decodes only those, so shares are disjoint, together cover
+  the split, and the global batch is the same for any number of processes.
   """
   if config.batch_size % process_count:
     raise ValueError(f'batch_size {config.batch_size} does not split over {process_count} processes')
+  local_batch = config.batch_size // process_count
   source = open_split(config.data.dir, 'train')
-  ds = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat()
-  ds = ds[process_index::process_count]
   cfg = _plain(config)
+  ds = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat()
   ds = ds.map(Preprocess(cfg))
-  ds = ds.random_map(Mask(cfg, config.model.vocab_size), seed=config.seed)
-  ds = ds.to_iter_dataset(_read_options(config))
-  ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
-  workers = config.data.num_workers
-  if workers < 0:  # auto: leave the cores to the train step on small machines
-    workers = max(0, (os.cpu_count() or 1) // 4)
-  if workers:
+  ds = ds.map_with_index(Mask(cfg, config.model.vocab_size, config.seed, len(source)))
+  ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+  ds = ds.to_iter_dataset(_read_options(config, local_batch))
+  if workers := num_workers(config):
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; notebooks and tests
+      flags.FLAGS.mark_as_parsed()  # never parse them, so take the defaults
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return ds
 
@@ -225,10 +290,10 @@ def eval_batches(config, split: str, batch_size: int):
   """One pass over a split without masks: yields (batch, number of real examples); the last
   batch is padded to batch_size (padding has present all False) so every batch has one shape."""
   source = open_split(config.data.dir, split)
-  ds = grain.MapDataset.source(source).map(Preprocess(_plain(config)))
-  ds = ds.to_iter_dataset(_read_options(config)).batch(batch_size)
-  for batch in ds:
-    batch.pop('table_entities', None)  # only the MEM masking needs it
+  ds = grain.MapDataset.source(source).map(Preprocess(_plain(config))).batch(batch_size)
+  for batch in ds.to_iter_dataset(_read_options(config, batch_size)):
+    for key in ('table_entities', 'product_key'):  # only the masks need them
+      batch.pop(key, None)
     n = len(batch['label'])
     if n < batch_size:
       batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])

@@ -1,5 +1,12 @@
 """Reading the raw layout (docs/data.md): a JSONL manifest, one product per line, media paths
-relative to the manifest."""
+relative to the manifest.
+
+Nothing in a catalogue of millions is clean. Every problem is reported to a `Problems` tally by
+kind: a product keeps its other modalities with the broken one marked absent, a broken line is
+skipped, and the build ends with a summary. With `strict=True` the first problem raises
+RawDataError naming the file (and line) and the reason.
+"""
+import collections
 import json
 import os
 
@@ -8,68 +15,181 @@ from scale_jax import MODALITIES
 # Manifest field of each modality, in MODALITIES order.
 FIELDS = dict(zip(MODALITIES, ('caption', 'tabular', 'image', 'video', 'audio')))
 MEDIA = ('image', 'video', 'audio')
+# Pre-extracted feature arrays (.npy, [tokens, dim] or [dim]) a product may bring per media
+# modality, read instead of the media when the config says `source='features'`.
+FEATURE_FIELDS = {m: f'{m}_features' for m in MEDIA}
+
+# Every kind of bad input, in the order the summary lists them.
+PROBLEM_KINDS = (
+    'broken line',  # not JSON, not an object, or no item_id / label: the line is skipped
+    'duplicate item_id',  # a later line repeating an earlier id: skipped
+    'undecodable text',  # caption or table not valid UTF-8 text: that modality absent
+    'malformed table',  # neither `k#:#v#;#...` nor [[k, v], ...]: table absent
+    'missing file',  # a media or features path that does not exist: that modality absent
+    'corrupt image', 'corrupt video', 'corrupt audio',  # does not decode: modality absent
+    'corrupt features',  # not a finite float array of the dataset's feature size
+    'no usable modality',  # nothing left to learn from: the product is skipped
+)
 
 
 class RawDataError(ValueError):
   """Raw input that cannot be used; the message names the file and the reason."""
 
 
+class Problems:
+  """A tally of bad input by kind, with the individual problems kept for the build report."""
+
+  def __init__(self, strict: bool = False):
+    self.strict = strict
+    self.counts = collections.Counter()
+    self.items = []  # (kind, where, reason)
+
+  def add(self, kind: str, where: str, reason: str) -> None:
+    assert kind in PROBLEM_KINDS, kind
+    if self.strict:
+      raise RawDataError(f'{where}: {reason}')
+    self.counts[kind] += 1
+    self.items.append((kind, where, reason))
+
+  def __bool__(self):
+    return bool(self.counts)
+
+  def summary(self) -> str:
+    if not self.counts:
+      return 'no bad input'
+    return ', '.join(f'{self.counts[k]} {k}' for k in PROBLEM_KINDS if self.counts[k])
+
+
 def parse_table(table) -> list[tuple[str, str]]:
-  """The official table string `k#:#v#;#k#:#v` (or None/'') -> [(key, value), ...]."""
+  """The table as the official string `k#:#v#;#k#:#v`, a list of [key, value] pairs or a
+  {key: value} object (or None / '' / []) -> [(key, value), ...]. Raises ValueError if malformed."""
   if not table:
     return []
-  pairs = []
-  for item in table.split('#;#'):
-    if not item.strip():
+  if isinstance(table, dict):
+    table = list(table.items())
+  if isinstance(table, str):
+    pairs = []
+    for item in table.split('#;#'):
+      if not item.strip():
+        continue
+      key, sep, value = item.partition('#:#')
+      if not sep:
+        raise ValueError(f'table entry {item!r} has no "#:#" between key and value')
+      pairs.append((key, value))
+  elif isinstance(table, list):
+    pairs = []
+    for item in table:
+      if not (isinstance(item, (list, tuple)) and len(item) == 2):
+        raise ValueError(f'table entry {item!r} is not a [key, value] pair')
+      pairs.append(tuple(item))
+  else:
+    raise ValueError(f'table is a {type(table).__name__}, not a string or a list of pairs')
+  out = []
+  for key, value in pairs:
+    if not isinstance(key, str) or not isinstance(value, (str, int, float)):
+      raise ValueError(f'table entry ({key!r}, {value!r}) is not text')
+    out.append((key.strip(), str(value).strip()))
+  return out
+
+
+def _is_text(s: str) -> bool:
+  """False for strings holding bytes that were not valid UTF-8 (kept as lone surrogates)."""
+  try:
+    s.encode('utf-8')
+    return True
+  except UnicodeEncodeError:
+    return False
+
+
+def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dict | None:
+  """One manifest line -> a product dict (absolute paths; broken modalities set to None), or
+  None for a line that has to be skipped."""
+  # surrogateescape keeps invalid UTF-8 bytes as lone surrogates, so the rest of the line still
+  # parses and only the field holding them is lost.
+  text = line.decode('utf-8', errors='surrogateescape')
+  try:
+    record = json.loads(text)
+  except json.JSONDecodeError as e:
+    problems.add('broken line', where, f'not a JSON object: {e}')
+    return None
+  if not isinstance(record, dict):
+    problems.add('broken line', where, f'a JSON {type(record).__name__}, not an object')
+    return None
+  for field in ('item_id', 'label'):
+    if record.get(field) is None:
+      problems.add('broken line', where, f'required field "{field}" is missing')
+      return None
+  item_id = str(record['item_id'])
+  if not _is_text(item_id):
+    problems.add('broken line', where, 'item_id is not valid UTF-8')
+    return None
+  try:
+    label, instance_id = int(record['label']), int(record.get('instance_id', -1))
+  except (TypeError, ValueError):
+    problems.add('broken line', where, f'label {record["label"]!r} or instance_id is not an integer')
+    return None
+
+  product = {'item_id': item_id, 'label': label, 'instance_id': instance_id, 'where': where,
+             'audio_in_video': False}
+  caption = record.get('caption') or ''
+  if not isinstance(caption, str) or not _is_text(caption):
+    problems.add('undecodable text', where, 'caption is not valid UTF-8 text')
+    caption = ''
+  product['caption'] = caption
+
+  table = record.get('tabular')
+  try:
+    product['tabular'] = parse_table(table)
+  except ValueError as e:
+    problems.add('malformed table', where, f'malformed "tabular": {e}')
+    product['tabular'] = []
+  if not all(_is_text(k) and _is_text(v) for k, v in product['tabular']):
+    problems.add('undecodable text', where, 'table is not valid UTF-8 text')
+    product['tabular'] = []
+
+  for field in MEDIA + tuple(FEATURE_FIELDS.values()):
+    rel, product[field] = record.get(field), None
+    if not rel:
       continue
-    key, sep, value = item.partition('#:#')
-    if not sep:
-      raise ValueError(f'table entry {item!r} has no "#:#" between key and value')
-    pairs.append((key.strip(), value.strip()))
-  return pairs
+    full = os.path.join(root, str(rel))
+    if not os.path.isfile(full):
+      problems.add('missing file', full, f'{field} file named on {where} does not exist')
+      continue
+    product[field] = full
+  if product['audio'] and product['audio'] == product['video']:
+    product['audio_in_video'] = True  # the video's sound track: not stored twice
+  return product
 
 
-def read_manifest(path: str) -> list[dict]:
-  """Parses and checks the manifest; returns one dict per product with absolute media paths.
+def read_manifest(path: str, problems: Problems | None = None) -> list[dict]:
+  """Parses the manifest; returns one dict per usable product, media paths made absolute.
 
-  Raises RawDataError naming the file (and line) for a missing manifest, a broken line, a missing
-  required field, or a media path that does not exist.
+  Problems go to `problems` (a strict tally if none is given, so the first one raises). Raises
+  RawDataError for a missing manifest or one without a single usable product.
   """
+  problems = Problems(strict=True) if problems is None else problems
   if not os.path.isfile(path):
     raise RawDataError(f'{path}: manifest not found (expected a JSONL file, see docs/data.md)')
   root = os.path.dirname(os.path.abspath(path))
-  products = []
-  with open(path, encoding='utf-8') as f:
+  products, seen = [], set()
+  with open(path, 'rb') as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue
       where = f'{path}:{line_no}'
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise RawDataError(f'{where}: not a JSON object: {e}') from e
-      for field in ('item_id', 'label'):
-        if record.get(field) is None:
-          raise RawDataError(f'{where}: required field "{field}" is missing')
-      try:
-        record['tabular'] = parse_table(record.get('tabular'))
-      except ValueError as e:
-        raise RawDataError(f'{where}: malformed "tabular": {e}') from e
-      for field in MEDIA:
-        rel = record.get(field)
-        if rel:
-          full = os.path.join(root, rel)
-          if not os.path.isfile(full):
-            raise RawDataError(f'{full}: {field} file named on {where} does not exist')
-          record[field] = full
-        else:
-          record[field] = None
-      record['caption'] = record.get('caption') or ''
-      record['instance_id'] = int(record.get('instance_id', -1))
-      record['label'] = int(record['label'])
-      if not any(record[FIELDS[m]] for m in MODALITIES):
-        raise RawDataError(f'{where}: product {record["item_id"]} has no modality at all')
-      products.append(record)
+      product = _read_product(line, where, root, problems)
+      if product is None:
+        continue
+      if product['item_id'] in seen:
+        problems.add('duplicate item_id', where, f'item_id {product["item_id"]!r} appeared before')
+        continue
+      seen.add(product['item_id'])
+      products.append(product)
   if not products:
-    raise RawDataError(f'{path}: manifest has no products')
+    raise RawDataError(f'{path}: manifest has no usable products ({problems.summary()})')
   return products
+
+
+def has_modality(product: dict, modality: str) -> bool:
+  field = FIELDS[modality]
+  return bool(product[field] or product.get(FEATURE_FIELDS.get(modality)))

@@ -129,17 +129,30 @@ def _video(inst, groups, rng):
   return encode_mp4(np.clip(frames, 0, 255).astype(np.uint8), VIDEO_FPS)
 
 
-def encode_mp4(frames, fps):
-  """H.264 in MP4 from uint8 frames [T, H, W, 3]."""
+def encode_mp4(frames, fps, audio=None, sample_rate=AUDIO_RATE):
+  """H.264 in MP4 from uint8 frames [T, H, W, 3], with an AAC sound track if `audio` (a mono
+  float waveform in [-1, 1]) is given."""
   buf = io.BytesIO()
   with av.open(buf, 'w', format='mp4') as container:
     stream = container.add_stream('libx264', rate=fps)
     stream.height, stream.width = frames.shape[1:3]
     stream.pix_fmt = 'yuv420p'
     stream.options = {'preset': 'ultrafast', 'crf': '20'}
+    sound = None
+    if audio is not None:
+      sound = container.add_stream('aac', rate=sample_rate, layout='mono')
     for frame in frames:
       container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
     container.mux(stream.encode())
+    if sound is not None:
+      samples = np.asarray(audio, np.float32)[None]  # planar float, one channel
+      chunk = sound.codec_context.frame_size or 1024
+      for start in range(0, samples.shape[1], chunk):
+        piece = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, start:start + chunk]),
+                                           format='fltp', layout='mono')
+        piece.sample_rate = sample_rate
+        container.mux(sound.encode(piece))
+      container.mux(sound.encode())
   return buf.getvalue()
 
 

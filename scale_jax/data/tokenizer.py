@@ -2,20 +2,30 @@
 import io
 
 import sentencepiece as spm
+import tqdm
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4  # ids fixed by train_tokenizer
 SPECIAL_IDS = (PAD, UNK, CLS, SEP, MASK)
 
 
-def train_tokenizer(sentences, model_path: str, vocab_size: int) -> spm.SentencePieceProcessor:
+def train_tokenizer(sentences: list, model_path: str, vocab_size: int,
+                    progress: bool = False,
+                    max_sentences: int = 5_000_000) -> spm.SentencePieceProcessor:
   """Trains a unigram model on the sentences and writes it to model_path.
 
-  vocab_size is an upper bound: a small corpus gets a smaller vocabulary.
+  vocab_size is an upper bound: a small corpus gets a smaller vocabulary. A corpus larger than
+  max_sentences is sampled evenly (sentencepiece's own sampling is not seeded). The progress bar counts
+  the sentences sentencepiece reads; its training afterwards reports nothing.
   """
+  if len(sentences) > max_sentences:  # an even, deterministic sample (rebuilds must agree)
+    sentences = sentences[::-(-len(sentences) // max_sentences)]
   model = io.BytesIO()
+  sentences = tqdm.tqdm(sentences, desc='tokenizer: reading', unit='sentence',
+                        disable=not progress)
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
       model_type='unigram', character_coverage=0.9995, hard_vocab_limit=False,
+      byte_fallback=True,  # rare characters (Chinese has thousands) become bytes, not <unk>
       pad_id=PAD, pad_piece='[PAD]', unk_id=UNK, bos_id=-1, eos_id=-1,
       user_defined_symbols=['[CLS]', '[SEP]', '[MASK]'], minloglevel=2)
   with open(model_path, 'wb') as f:
