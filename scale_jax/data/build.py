@@ -2,7 +2,7 @@ r"""Builds the TFDS dataset and the tokenizer from a raw layout.
 
     python -m scale_jax.data.build --raw DIR --out DIR [--strict] [--workers N]
 
-Writes OUT/tokenizer.model, OUT/scale_products/1.0.0/ (array_record, splits train and test) and
+Writes OUT/tokenizer.model, OUT/scale_products/1.1.0/ (array_record, splits train and test) and
 OUT/build_report.json (every problem found, by kind). Media and feature files are checked (decoded
 once, in worker processes) and stored encoded; the Grain pipeline decodes them. A broken modality
 is counted and marked absent, a broken line counted and skipped; `--strict` stops at the first
@@ -24,7 +24,7 @@ from scale_jax import MODALITIES
 from scale_jax.data import media, raw, tokenizer
 
 DATASET_NAME = 'scale_products'
-VERSION = '1.0.0'
+VERSION = '1.1.0'  # 1.1.0: features, features_present, audio_in_video
 
 
 def dataset_dir(out: str) -> str:
