@@ -2,12 +2,15 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
+from ml_collections import FrozenConfigDict
 
 from scale_jax import MODALITIES
 from configs import tiny
 from scale_jax.data import build, media, pipeline, raw, synthetic, tokenizer
+from scale_jax.model.scale import Scale
 
 
 def test_parse_table_official_string():
@@ -248,6 +251,10 @@ def test_features_mode(raw_dir, tmp_path):
   batch = next(iter(pipeline.train_dataset(config)))
   spec = pipeline.dummy_batch(config, config.batch_size)
   assert {k: v.shape for k, v in batch.items()} == {k: v.shape for k, v in spec.items()}
+  # The model embeds and regresses the 24-wide rows.
+  model = Scale(FrozenConfigDict(config))
+  params = jax.eval_shape(model.init, jax.random.key(0), batch)['params']
+  assert params['patch_embed_image']['kernel'].value.shape == (24, config.model.width)
   config.image.feature_dim = 16
   with pytest.raises(ValueError, match='image features have 24 values per token but '
                                        'config.image.feature_dim is 16'):
