@@ -48,8 +48,11 @@ def harmonized_weights(v, present, mode='harmonized', learned_logits=None):
   return r if mode == 'none' else l2_normalize(r)
 
 
-def _mean_over(x, valid):
-  return jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+def _mean_over(x, valid, count=None):
+  """Mean of x where valid; `count` replaces the number of valid entries as the divisor (a
+  microbatch's share of a mean over the whole batch)."""
+  count = jnp.sum(valid) if count is None else count
+  return jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(count, 1)
 
 
 def info_nce(za, zb, valid_a, valid_b, weight_ab, weight_ba, temperature, same_modality=False):
@@ -78,43 +81,63 @@ def info_nce(za, zb, valid_a, valid_b, weight_ab, weight_ba, temperature, same_m
   return 0.5 * (_mean_over(a_to_b, both) + _mean_over(b_to_a, both))
 
 
-def token_loss(logits, targets, masked, weight):
+def token_loss(logits, targets, masked, weight, count=None):
   """Cross-entropy at masked positions, averaged per product, weighted per product [B]."""
   ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
-  return _per_product(ce, masked, weight)
+  return _per_product(ce, masked, weight, count)
 
 
-def regression_loss(predictions, targets, masked, weight):
+def regression_loss(predictions, targets, masked, weight, count=None):
   """MSE against each masked patch normalised to zero mean, unit variance (MAE's target)."""
   mean = targets.mean(-1, keepdims=True)
   std = jnp.sqrt(targets.var(-1, keepdims=True) + 1e-6)
   se = jnp.mean(jnp.square(predictions - (targets - mean) / std), axis=-1)
-  return _per_product(se, masked, weight)
+  return _per_product(se, masked, weight, count)
 
 
-def _per_product(per_position, masked, weight):
+def _per_product(per_position, masked, weight, products=None):
   count = masked.sum(-1)
   per_product = jnp.where(masked, per_position, 0.0).sum(-1) / jnp.maximum(count, 1)
-  return _mean_over(per_product * weight, count > 0)
+  return _mean_over(per_product * weight, count > 0, products)
 
 
-def scale_objective(outputs, batch, config):
-  """Total loss and a dict of each term (unweighted by coefficients) for logging."""
+def masked_product_counts(batch, config) -> dict:
+  """Per masked objective, the number of products it averages over (modality present, at least
+  one position masked). Gradient accumulation passes the whole batch's counts to
+  scale_objective, so that each microbatch's masked losses add up to the whole batch's."""
+  present, modalities = batch['present'], active_modalities(config)
+  return {MASKED_OBJECTIVES[k]: jnp.sum(jnp.any(batch[f'{k}_masked'] & present[:, i, None], -1))
+          for i, k in enumerate(modalities) if f'{k}_masked' in batch}
+
+
+def weight_matrix(outputs, present, config):
+  """The weights G [B, M, M] that multiply per-product losses: off-diagonal (contrastive pairs)
+  from the pre-fusion vectors z, diagonal (masked objectives) from the fused ones."""
+  m = config.model
+  stop = jax.lax.stop_gradient if m.stop_gradient_weights else (lambda x: x)
+  learned = outputs.get('weight_logits')  # a parameter, trained whatever stop_gradient says
+  pair_w = harmonized_weights(stop(outputs['z']), present, m.weighting, learned)
+  self_w = harmonized_weights(stop(outputs['fused']), present, m.weighting, learned)
+  return jnp.where(jnp.eye(pair_w.shape[-1], dtype=bool), self_w, pair_w)
+
+
+def scale_objective(outputs, batch, config, masked_counts=None):
+  """Total loss and a dict of each term (unweighted by coefficients) for logging.
+
+  masked_counts: per masked objective, the number of products to divide by instead of this
+  batch's own count (see masked_product_counts).
+  """
   present, coef, m = batch['present'], config.loss, config.model
   modalities = active_modalities(config)
   if m.contrastive not in ('infonce', 'nt_xent'):
     raise ValueError(f"model.contrastive must be 'infonce' or 'nt_xent', not {m.contrastive!r}")
-  stop = jax.lax.stop_gradient if m.stop_gradient_weights else (lambda x: x)
-  learned = outputs.get('weight_logits')  # a parameter, trained whatever stop_gradient says
-  # Off-diagonal weights from the pre-fusion vectors, diagonal weights from the fused ones.
-  pair_w = harmonized_weights(stop(outputs['z']), present, m.weighting, learned)
-  self_w = harmonized_weights(stop(outputs['fused']), present, m.weighting, learned)
-  self_w = jnp.diagonal(self_w, axis1=1, axis2=2)
+  weights = weight_matrix(outputs, present, config)  # [B, M, M]
+  self_w = jnp.diagonal(weights, axis1=1, axis2=2)
   terms = {}
   z, t = outputs['z'], outputs['temperature']
   for i, j in itertools.combinations(range(len(modalities)), 2):
     terms[f'contrastive/{modalities[i]}-{modalities[j]}'] = info_nce(
-        z[:, i], z[:, j], present[:, i], present[:, j], pair_w[:, i, j], pair_w[:, j, i], t,
+        z[:, i], z[:, j], present[:, i], present[:, j], weights[:, i, j], weights[:, j, i], t,
         same_modality=m.contrastive == 'nt_xent')
   contrastive = sum(terms.values())
   total = coef.contrastive * contrastive
@@ -122,10 +145,11 @@ def scale_objective(outputs, batch, config):
   for k, pred in outputs['predictions'].items():
     i = modalities.index(k)
     masked = batch[f'{k}_masked'] & present[:, i, None]
+    count = None if masked_counts is None else masked_counts[MASKED_OBJECTIVES[k]]
     if f'{k}_target' in batch:
-      loss = token_loss(pred, batch[f'{k}_target'], masked, self_w[:, i])
+      loss = token_loss(pred, batch[f'{k}_target'], masked, self_w[:, i], count)
     else:
-      loss = regression_loss(pred, batch[f'{k}_input'], masked, self_w[:, i])
+      loss = regression_loss(pred, batch[f'{k}_input'], masked, self_w[:, i], count)
     terms[MASKED_OBJECTIVES[k]] = loss
     total += coef[MASKED_OBJECTIVES[k]] * loss
   terms['loss'] = total
