@@ -21,7 +21,21 @@ def get_config():
   c.total_steps = 300
   c.log_every = 20
   c.checkpoint_every = 100
-  c.checkpoint_keep = 2
+  c.checkpoint_keep = 2  # the latest N checkpoints are kept ...
+  c.checkpoint_keep_every = 0  # ... plus every one at a multiple of this step (0: none)
+  # Split each global batch into this many microbatches, GradCache-style (docs/training.md): the
+  # update equals the whole batch's, activation memory falls to about one microbatch's.
+  c.microbatches = 1
+  # Multi-process runs agree on a preemption notice (SIGTERM) every this many steps.
+  c.preemption_check_every = 10
+  # Where a run without a checkpoint of its own starts: another run's latest checkpoint, only the
+  # parameters whose path ('encoders_text/block_0/mlp_in/kernel') the regex `include` finds.
+  c.init_from = dict(workdir='', include='.*')
+  # MFU's denominator: peak TFLOP/s of one device at the compute dtype (H100 SXM bf16 dense 989,
+  # TPU v4 275, v5e 197); 0 = measure a large matmul at start (an achievable, not a datasheet, peak).
+  c.peak_tflops_per_device = 0.0
+  # A profiler trace of `steps` steps from step `start` into RUN/tensorboard (0 steps: off).
+  c.profile = dict(start=0, steps=0)
 
   c.data = dict(
       dir='demo_out/data',  # written by scale_jax.data.build
@@ -66,9 +80,14 @@ def get_config():
   c.loss = dict(contrastive=1.0, mlm=1.0, mem=1.0, mrm=1.0, mfp=1.0, mam=1.0)
 
   c.optimizer = dict(lr=1e-3, warmup_steps=30, decay='cosine', weight_decay=0.05, b1=0.9, b2=0.98,
-                     clip_norm=1.0)
+                     clip_norm=1.0,
+                     # ((regex, multiplier), ...) on parameter paths, the first match wins; e.g.
+                     # (('^(encoders_text|token_embed)/', 0.1),) trains the text tower at 0.1 x lr.
+                     lr_multipliers=())
   # Device mesh; -1 takes the devices left over. Logical-axis rules live in scale_jax/sharding.py.
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
 
-  c.eval = dict(batch_size=128, probe_steps=500, probe_lr=0.01)
+  # Retrieval mAP and linear probe (scale_jax.evaluate); during training every `every` steps and
+  # at the end (0: never; `python -m scale_jax.evaluate` after training instead).
+  c.eval = dict(batch_size=128, probe_steps=500, probe_lr=0.01, every=0)
   return c

@@ -18,18 +18,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from scale_jax import cli, losses, sharding
+from scale_jax import train as trainer  # (train imports this module too: attributes used late)
 from scale_jax.data import pipeline
-from scale_jax.train import (abstract_like, build_model, checkpoint_manager, make_optimizer,
-                             sharded_state_init)
 
 KS = (1, 5, 10)
 
 
-def product_features(model, params, config, split, mesh):
-  """Features [N, D] and category labels [N] of every product in a split."""
-  batch_size = config.eval.batch_size
+def make_product_features(model, config, mesh):
+  """features(params, split) -> (features [N, D], category labels [N]) of every product in a
+  split, as numpy on every process. The jitted feature function is built once, so evaluating
+  again during training does not compile again.
+
+  Every process reads the whole split and hands JAX the whole batch (global_shape = its shape),
+  of which each device keeps its rows; the features are gathered back to every process, so all
+  processes run the same computations (multi-host safe).
+  """
   shardings = sharding.batch_sharding(mesh, pipeline.dummy_batch(config, 1, train=False))
 
   @jax.jit
@@ -39,12 +45,17 @@ def product_features(model, params, config, split, mesh):
     present = batch['present'][..., None]
     return losses.l2_normalize(jnp.sum(jnp.where(present, fused, 0.0), axis=1))
 
-  feats, labels = [], []
-  for batch, n in pipeline.eval_batches(config, split, batch_size):
-    batch_on_device = jax.tree.map(jax.make_array_from_process_local_data, shardings, batch)
-    feats.append(np.asarray(features(params, batch_on_device))[:n])
-    labels.append(batch['label'][:n])
-  return np.concatenate(feats), np.concatenate(labels)
+  def product_features(params, split):
+    feats, labels = [], []
+    for batch, n in pipeline.eval_batches(config, split, config.eval.batch_size):
+      on_device = jax.tree.map(
+          lambda s, x: jax.make_array_from_process_local_data(s, x, x.shape), shardings, batch)
+      gathered = multihost_utils.process_allgather(features(params, on_device), tiled=True)
+      feats.append(np.asarray(gathered)[:n])
+      labels.append(batch['label'][:n])
+    return np.concatenate(feats), np.concatenate(labels)
+
+  return product_features
 
 
 def retrieval_map(features, labels, ks=KS) -> dict:
@@ -87,26 +98,39 @@ def linear_probe(train_x, train_y, test_x, test_y, steps, lr) -> float:
   return float(np.mean(np.argmax(test_x @ np.asarray(w) + np.asarray(b), 1) == test_y))
 
 
+def make_evaluator(model, config, mesh):
+  """evaluator(params) -> {'mAP@1', 'mAP@5', 'mAP@10', 'probe acc'}: retrieval on the test split,
+  linear probe fitted on the train split. The trainer calls it every config.eval.every steps."""
+  product_features = make_product_features(model, config, mesh)
+
+  def evaluator(params) -> dict:
+    test_x, test_y = product_features(params, 'test')
+    train_x, train_y = product_features(params, 'train')
+    results = retrieval_map(test_x, test_y)
+    results['probe acc'] = linear_probe(train_x, train_y, test_x, test_y,
+                                        config.eval.probe_steps, config.eval.probe_lr)
+    return results
+
+  return evaluator
+
+
 def evaluate(config, workdir) -> dict:
   mesh = sharding.make_mesh(config.mesh)
-  model = build_model(config)
-  tx, _ = make_optimizer(config)
-  init, shardings = sharded_state_init(model, tx, config, mesh)
+  model = trainer.build_model(config)
+  tx, _ = trainer.make_optimizer(config)
+  init, shardings = trainer.sharded_state_init(model, tx, config, mesh)
   random_state = init(jax.random.key(config.seed))
-  manager = checkpoint_manager(workdir, config)
+  manager = trainer.checkpoint_manager(workdir, config)
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {manager.directory}; train first with '
                             f'`python -m scale_jax.train --config ... --workdir {workdir}`')
   trained = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_like(random_state, shardings)))).state
-  results = {}
-  for name, state in ((f'random init', random_state), (f'pretrained (step {step})', trained)):
-    test_x, test_y = product_features(model, state.params, config, 'test', mesh)
-    train_x, train_y = product_features(model, state.params, config, 'train', mesh)
-    results[name] = retrieval_map(test_x, test_y)
-    results[name]['probe acc'] = linear_probe(train_x, train_y, test_x, test_y,
-                                              config.eval.probe_steps, config.eval.probe_lr)
+      state=ocp.args.StandardRestore(trainer.abstract_like(random_state, shardings)))).state
+  manager.close()
+  evaluator = make_evaluator(model, config, mesh)
+  results = {'random init': evaluator(random_state.params),
+             f'pretrained (step {step})': evaluator(trained.params)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval.json'), 'w', encoding='utf-8') as f:
       json.dump(results, f, indent=1)

@@ -1,43 +1,93 @@
-r"""Pretrains SCALE. Read top to bottom: setup, mesh, data, model and optimizer, sharded init,
-train step, checkpoint restore, loop.
+r"""Pretrains SCALE. Read top to bottom: setup, mesh, data, model and train step, where the run
+starts, evaluators, loop.
 
-    python -m scale_jax.train --config configs/demo.py --workdir DIR [--config.x=y ...]
+    python -m scale_jax.train --config configs/demo.py --workdir RUN [--config.x=y ...]
 
-Resumes from the latest checkpoint in DIR/checkpoints when there is one (parameters, optimizer
-state, step and the input pipeline's position). Writes DIR/metrics.jsonl and TensorBoard events
-under DIR/tensorboard.
+Where a run starts, in order of precedence:
+  1. resume: RUN/checkpoints holds a checkpoint; the latest one is restored (parameters, optimizer
+     state, step, RNG and the input pipeline's position), on this run's mesh whatever mesh saved it;
+  2. init_from: config.init_from.workdir names another run; the parameters whose path the regex
+     config.init_from.include finds are copied from its latest checkpoint, the rest (and the
+     optimizer state) start fresh;
+  3. scratch: a fresh initialisation from config.seed.
+A SIGTERM (the preemption notice) saves at the current step and returns, so the process exits 0.
+A non-finite loss or gradient stops the run with FloatingPointError naming the step and the
+metric; the state is never updated with it and never saved. Writes RUN/metrics.jsonl, TensorBoard
+events under RUN/tensorboard, and a progress bar on the console. docs/training.md has the details.
 """
 import functools
 import json
 import os
+import re
+import signal
 import time
+from typing import Any, NamedTuple
 
 import flax
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tensorboardX
 import tqdm
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from ml_collections import FrozenConfigDict
 
-from scale_jax import cli, losses, sharding
+from scale_jax import active_modalities, cli, evaluate, losses, model_info, sharding
 from scale_jax.data import pipeline
 from scale_jax.model.scale import Scale
 
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
+  step: jax.Array  # updates applied so far
   params: dict
   opt_state: optax.OptState
+  rng: jax.Array  # uint32 key data; step s runs with fold_in(rng, s)
+  # The first step whose loss or gradient was not finite (-1: none yet) and which metric it was,
+  # an index into nonfinite_order(metrics). A checkpoint always holds -1: bad states are not saved.
+  nonfinite_step: jax.Array
+  nonfinite_metric: jax.Array
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer.
+
+def param_name(path) -> str:
+  """'encoders_text/block_0/mlp_in/kernel': a parameter's dict keys joined by '/' (the .value of
+  nn.Partitioned boxes left out). The regexes of the config match these."""
+  return '/'.join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def lr_multiplier(name: str, rules) -> float:
+  """The multiplier of the first (regex, multiplier) rule whose regex finds the name; else 1."""
+  for pattern, multiplier in rules:
+    if re.search(pattern, name):
+      return float(multiplier)
+  return 1.0
+
+
+def scale_by_lr_multipliers(rules) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by its lr_multiplier. Placed after AdamW, it scales the
+  whole step (weight decay included, as optax's adamw scales decay by the learning rate)."""
+
+  def update(updates, state, params=None):
+    del params
+    def scale(path, u):
+      m = lr_multiplier(param_name(path), rules)
+      return u if m == 1.0 else u * m
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def make_optimizer(config):
   """AdamW with linear warm-up then cosine (to 1% of the peak) or linear (to 0) decay, global-norm
-  clipping, and no weight decay on biases, norms and embeddings (only on `kernel`s)."""
+  clipping, no weight decay on biases, norms and embeddings (only on `kernel`s), and per-parameter
+  learning-rate multipliers (config.optimizer.lr_multipliers)."""
   o = config.optimizer
   decay_steps = max(config.total_steps - o.warmup_steps, 1)
   if o.decay == 'cosine':
@@ -49,12 +99,16 @@ def make_optimizer(config):
   schedule = optax.join_schedules(
       [optax.linear_schedule(0.0, o.lr, o.warmup_steps), decay], [o.warmup_steps])
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: 'kernel' in jax.tree_util.keystr(path), params)
-  tx = optax.chain(optax.clip_by_global_norm(o.clip_norm),
-                   optax.adamw(schedule, o.b1, o.b2, weight_decay=o.weight_decay,
-                               mask=decay_mask))
-  return tx, schedule
+      lambda path, _: param_name(path).endswith('kernel'), params)
+  parts = [optax.clip_by_global_norm(o.clip_norm),
+           optax.adamw(schedule, o.b1, o.b2, weight_decay=o.weight_decay, mask=decay_mask)]
+  if o.lr_multipliers:
+    parts.append(scale_by_lr_multipliers(tuple(o.lr_multipliers)))
+  return optax.chain(*parts), schedule
 
+
+# ------------------------------------------------------------------------------------------------
+# Model, sharded initialisation and the objective's gradient.
 
 def build_model(config):
   return Scale(FrozenConfigDict(config))
@@ -69,7 +123,10 @@ def sharded_state_init(model, tx, config, mesh):
 
   def init_boxed(rng):  # parameters carry their logical axis names (nn.Partitioned boxes)
     params = model.init(rng, batch)['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
+                      nonfinite_step=jnp.full((), -1, jnp.int32),
+                      nonfinite_metric=jnp.full((), -1, jnp.int32))
 
   abstract = jax.eval_shape(init_boxed, jax.random.key(0))
   shardings = sharding.tree_shardings(mesh, abstract)
@@ -77,23 +134,167 @@ def sharded_state_init(model, tx, config, mesh):
   return init, shardings
 
 
+def weight_means(outputs, present, config) -> dict:
+  """'weights/a-b': the batch mean of the harmonized weight G[a, b] over products that have both
+  modalities (the diagonal 'weights/a-a' weighs a's masked objective)."""
+  g = losses.weight_matrix(outputs, present, config)
+  both = present[:, :, None] & present[:, None, :]
+  mean = jnp.sum(jnp.where(both, g, 0.0), 0) / jnp.maximum(jnp.sum(both, 0), 1)
+  names = active_modalities(config)
+  return {f'weights/{a}-{b}': mean[i, j] for i, a in enumerate(names) for j, b in enumerate(names)}
+
+
+def microbatched(x, k: int):
+  """[B, ...] -> [k, B/k, ...], microbatch j holding rows j, j + k, j + 2k, ...: each device's
+  block of rows splits evenly over the microbatches, so every microbatch spans every device and
+  nothing moves between devices."""
+  return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+
+def unmicrobatched(x):
+  """The inverse of microbatched: [k, B/k, ...] -> [B, ...] in the batch's row order."""
+  return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+
+# Model outputs that are parameters (or constants), the same for every microbatch.
+PARAMETER_OUTPUTS = ('temperature', 'weight_logits')
+
+
+def metrics_and_grads(model, params, batch, config, rng, mesh):
+  """Every objective term and the batch-mean weights over the global batch, and the gradient of
+  the total loss; with config.microbatches = k > 1, computed k microbatches at a time."""
+  apply = lambda p, b, r: model.apply({'params': p}, b, rngs={'dropout': r})
+  k = config.microbatches
+  if k == 1:
+    def loss_fn(p):
+      out = apply(p, batch, rng)
+      loss, terms = losses.scale_objective(out, batch, config)
+      return loss, {**terms, **weight_means(out, batch['present'], config)}
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return metrics, grads
+
+  # GradCache (Gao et al. 2021): the contrastive terms couple every pair of products in the batch,
+  # so a microbatch's own loss is not its share of the batch's. Instead:
+  # 1. forward every microbatch, no gradients, for what couples products: the embeddings z (and
+  #    the fused vectors, for the weight metrics);
+  # 2. the contrastive objective over the whole batch from those, and its gradient with respect to
+  #    z and to the outputs that are parameters (temperature, learned weight logits);
+  # 3. each microbatch again, with gradients, of  <cotangent, z>  plus its per-product masked
+  #    objectives divided by the whole batch's counts. Summed over microbatches this is exactly
+  #    the whole batch's gradient. Cost: one extra forward pass; activation memory: a microbatch's.
+  # Each microbatch draws the same randomness in 1 and 3 (fold_in(rng, j)).
+  layout = lambda x: jax.lax.with_sharding_constraint(x, sharding.logical_sharding(
+      mesh, (None, 'batch') + (None,) * (x.ndim - 2)))
+  micro = jax.tree.map(lambda x: layout(microbatched(x, k)), batch)
+  index = jnp.arange(k)
+
+  def embed(_, xs):
+    b, j = xs
+    out = apply(params, b, jax.random.fold_in(rng, j))
+    return None, (out['z'], out['fused'], {n: out[n] for n in PARAMETER_OUTPUTS if n in out})
+
+  _, (z, fused, shared) = jax.lax.scan(embed, None, (micro, index))
+  z, fused = unmicrobatched(z), unmicrobatched(fused)
+  shared = jax.tree.map(lambda x: x[0], shared)
+
+  def contrastive(z, shared):
+    return losses.scale_objective({'z': z, 'fused': fused, 'predictions': {}, **shared}, batch,
+                                  config)
+
+  (_, metrics), (z_cot, shared_cot) = jax.value_and_grad(
+      contrastive, argnums=(0, 1), has_aux=True)(z, shared)
+  counts = losses.masked_product_counts(batch, config)
+
+  def accumulate(grads, xs):
+    b, z_cot, j = xs
+
+    def surrogate(p):
+      out = apply(p, b, jax.random.fold_in(rng, j))
+      _, terms = losses.scale_objective(out, b, config, masked_counts=counts)
+      masked = {n: terms[n] for n in (losses.MASKED_OBJECTIVES[m] for m in out['predictions'])}
+      value = jnp.vdot(z_cot, out['z']) + sum(config.loss[n] * v for n, v in masked.items())
+      # Parameters read directly take their cotangent once, not once per microbatch.
+      value += jnp.where(j == 0, sum(jnp.vdot(c, out[n]) for n, c in shared_cot.items()), 0.0)
+      return value, masked
+
+    (_, masked), g = jax.value_and_grad(surrogate, has_aux=True)(params)
+    return jax.tree.map(jnp.add, grads, g), masked
+
+  grads, masked = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params),
+                               (micro, layout(microbatched(z_cot, k)), index))
+  masked = {n: jnp.sum(v) for n, v in masked.items()}
+  metrics.update(masked)
+  metrics['loss'] = metrics['loss'] + sum(config.loss[n] * v for n, v in masked.items())
+  metrics.update(weight_means({'z': z, 'fused': fused, **shared}, batch['present'], config))
+  return metrics, grads
+
+
+def nonfinite_order(metrics) -> list:
+  """The metrics checked for NaN/Inf, most specific first, so that the one a message names is
+  where the trouble shows first (a modality's objective before the total loss)."""
+  last = ('contrastive', 'loss', 'grad_norm')
+  return sorted(k for k in metrics if k not in last) + [k for k in last if k in metrics]
+
+
 def make_train_step(model, tx, schedule, config, state_shardings, batch_shardings):
   """The jitted step (state, batch) -> (state, metrics); the old state's buffers are donated."""
+  mesh = jax.tree.leaves(batch_shardings)[0].mesh
 
   @functools.partial(jax.jit, in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, None), donate_argnums=0)
   def train_step(state, batch):
-    def loss_fn(params):
-      return losses.scale_objective(model.apply({'params': params}, batch), batch, config)
-
-    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    metrics, grads = metrics_and_grads(model, state.params, batch, config, rng, mesh)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    terms.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
-    return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                      opt_state=opt_state), terms
+    metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+    # A non-finite metric leaves the state as it was and records the first such step, which the
+    # host reads at log steps and before every save (no host sync here).
+    finite = jnp.stack([jnp.all(jnp.isfinite(metrics[k])) for k in nonfinite_order(metrics)])
+    ok = jnp.all(finite)
+    updated = state.replace(step=state.step + 1, opt_state=opt_state,
+                            params=optax.apply_updates(state.params, updates))
+    new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), updated, state)
+    first = ~ok & (state.nonfinite_step < 0)
+    return new.replace(
+        nonfinite_step=jnp.where(first, state.step + 1, state.nonfinite_step),
+        nonfinite_metric=jnp.where(first, jnp.argmin(finite), state.nonfinite_metric)), metrics
 
   return train_step
 
+
+class TrainSetup(NamedTuple):
+  """Everything a run compiles, built the same way by the trainer and by scale_jax.aot."""
+  model: Any
+  tx: optax.GradientTransformation
+  schedule: Any
+  init: Any  # jitted: PRNG key -> sharded TrainState
+  state_shardings: Any
+  batch_shardings: Any
+  train_step: Any  # jitted, not yet compiled
+  abstract_state: Any  # ShapeDtypeStructs with this mesh's shardings
+  abstract_batch: Any
+
+
+def build_train_setup(config, mesh) -> TrainSetup:
+  k, shards = config.microbatches, mesh.shape['data'] * mesh.shape['fsdp']
+  if config.batch_size % (k * shards):
+    raise ValueError(f'batch_size {config.batch_size} must split into {k} microbatches, each '
+                     f'over the {shards} devices of mesh axes data x fsdp')
+  model = build_model(config)
+  tx, schedule = make_optimizer(config)
+  init, state_shardings = sharded_state_init(model, tx, config, mesh)
+  batch_shardings = sharding.batch_sharding(mesh, pipeline.dummy_batch(config, 1))
+  step = make_train_step(model, tx, schedule, config, state_shardings, batch_shardings)
+  abstract_state = abstract_like(jax.eval_shape(init, jax.random.key(0)), state_shardings)
+  abstract_batch = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct((config.batch_size,) + x.shape[1:], x.dtype, sharding=s),
+      pipeline.dummy_batch(config, 1), batch_shardings)
+  return TrainSetup(model, tx, schedule, init, state_shardings, batch_shardings, step,
+                    abstract_state, abstract_batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs.
 
 def xla_flops(compiled, num_devices: int) -> float:
   """FLOPs of one call of a compiled computation on all devices, as XLA counts them.
@@ -106,11 +307,35 @@ def xla_flops(compiled, num_devices: int) -> float:
   return float(cost.get('flops', 0.0)) * num_devices
 
 
+def measure_peak_tflops(dtype) -> float:
+  """TFLOP/s of a large square matmul on one device: an achievable peak, below the datasheet's."""
+  device = jax.local_devices()[0]
+  n = 1024 if device.platform == 'cpu' else 8192
+  a = jax.device_put(jnp.ones((n, n), dtype), device)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(a).block_until_ready()
+  best = float('inf')
+  for _ in range(5):
+    t = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best / 1e12
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints.
+
 def checkpoint_manager(workdir, config):
+  """Asynchronous; keeps the latest config.checkpoint_keep plus every multiple of
+  config.checkpoint_keep_every. Temporary directories of a save cut short are removed."""
+  keep = [ocp.checkpoint_managers.LatestN(config.checkpoint_keep)]
+  if config.checkpoint_keep_every:
+    keep.append(ocp.checkpoint_managers.EveryNSteps(config.checkpoint_keep_every))
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), 'checkpoints'),
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.checkpoint_keep, enable_async_checkpointing=True),
+          preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
+          enable_async_checkpointing=True, cleanup_tmp_directories=True),
       item_names=('state', 'data'))
 
 
@@ -118,6 +343,78 @@ def abstract_like(state, shardings):
   """Restore targets: shapes, dtypes and the shardings of *this* run's mesh."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       state, shardings)
+
+
+def load_init_from(params, shardings, init_from):
+  """params with those whose name `init_from.include` finds copied from the latest checkpoint of
+  run `init_from.workdir`, onto this run's shardings. Returns (params, its step, copied names)."""
+  directory = os.path.join(os.path.abspath(init_from.workdir), 'checkpoints')
+  source = ocp.CheckpointManager(directory, item_handlers={'state': ocp.PyTreeCheckpointHandler()},
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+  step = source.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'config.init_from.workdir: no checkpoint in {directory}')
+  flat = lambda tree: {param_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  saved = flat(source.item_metadata(step)['state']['params'])
+  ours, our_shardings = flat(params), flat(shardings)
+  names = [n for n in ours if re.search(init_from.include, n) and n in saved]
+  if not names:
+    raise ValueError(f'config.init_from.include={init_from.include!r} selects no parameter that '
+                     f'the checkpoint in {directory} holds')
+  for n in names:
+    if tuple(saved[n].shape) != ours[n].shape:
+      raise ValueError(f'init_from: {n} has shape {tuple(saved[n].shape)} in {directory}, '
+                       f'{ours[n].shape} here')
+  nest = lambda d: flax.traverse_util.unflatten_dict({tuple(n.split('/')): v for n, v in d.items()})
+  target = {'params': nest({n: jax.ShapeDtypeStruct(ours[n].shape, ours[n].dtype,
+                                                    sharding=our_shardings[n]) for n in names})}
+  restored = source.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True))).state
+  source.close()
+  copied = flat(restored['params'])
+  return nest({n: copied.get(n, x) for n, x in ours.items()}), step, names
+
+
+def check_finite(state, metrics, manager):
+  """Raises FloatingPointError naming the first step and metric that were not finite. Reads two
+  scalars from the device: called at log steps and before every save, not every step."""
+  step, metric = (int(x) for x in jax.device_get((state.nonfinite_step, state.nonfinite_metric)))
+  if step >= 0:
+    latest = manager.latest_step()
+    raise FloatingPointError(
+        f'{nonfinite_order(metrics)[metric]} is not finite at step {step}: stopping. The state '
+        f'was not updated with that step and is not saved; the last checkpoint '
+        f'({"none" if latest is None else f"step {latest}"} in {manager.directory}) is intact.')
+
+
+class PreemptionNotice:
+  """SIGTERM (what TPU, Kubernetes and SLURM send before taking machines back) sets a flag; the
+  loop then saves at the current step and stops. Every process must save at the same step, so in
+  a multi-process run the flags are OR-ed across processes (a small allgather, which waits for
+  the device queue) every `check_every` steps; a lone process looks at its flag every step."""
+
+  def __init__(self, check_every: int):
+    self.check_every, self.flag, self.previous = max(int(check_every), 1), False, None
+    try:
+      self.previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook's worker): no handler
+      pass
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.flag
+    if step % self.check_every:
+      return False
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
+
+  def close(self):
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
 
 
 class MetricsWriter:
@@ -149,6 +446,7 @@ def train(config, workdir):
   # ----------------------------------------------------------------------------------------------
   # Setup.
   os.makedirs(workdir, exist_ok=True)
+  log = print if jax.process_index() == 0 else (lambda *a, **k: None)
   data_vocab = pipeline.vocab_size(config.data.dir)
   if data_vocab > config.model.vocab_size:
     raise ValueError(f'the tokenizer in {config.data.dir} has {data_vocab} tokens but '
@@ -160,77 +458,123 @@ def train(config, workdir):
   mesh = sharding.make_mesh(config.mesh)
 
   # ----------------------------------------------------------------------------------------------
-  # Input pipeline: this process's share of every global batch.
+  # Input pipeline: this process's share of every global batch, assembled into global arrays.
   dataset = pipeline.train_dataset(config, jax.process_index(), jax.process_count())
   data_iter = iter(dataset)
 
   # ----------------------------------------------------------------------------------------------
-  # Model, optimizer and sharded initialisation.
-  model = build_model(config)
-  tx, schedule = make_optimizer(config)
-  init, state_shardings = sharded_state_init(model, tx, config, mesh)
-  batch_shardings = sharding.batch_sharding(mesh, pipeline.dummy_batch(config, 1))
-
-  # ----------------------------------------------------------------------------------------------
-  # The train step: one jitted function; the state's buffers are donated and updated in place.
-  # Compiled ahead of the loop, so step times exclude compilation; XLA's FLOP count of the
-  # compiled step gives the achieved FLOP rate.
-  state = init(jax.random.key(config.seed))
-  batch_shapes = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct((config.batch_size,) + x.shape[1:], x.dtype, sharding=s),
-      pipeline.dummy_batch(config, 1), batch_shardings)
-  t = time.perf_counter()
-  train_step = make_train_step(model, tx, schedule, config, state_shardings, batch_shardings)
-  train_step = train_step.lower(state, batch_shapes).compile()
-  step_flops = xla_flops(train_step, mesh.size)
-  print(f'compiled the train step in {time.perf_counter() - t:.1f} s '
-        f'({step_flops / 1e9:.1f} GFLOP per step)')
+  # Model, optimizer, sharded initialisation and the train step, built as scale_jax.aot builds
+  # them. The step is compiled ahead of the loop, so step times exclude compilation.
+  setup = build_train_setup(config, mesh)
+  state = setup.init(jax.random.key(config.seed))
 
   def to_global(local_batch):
-    return jax.tree.map(jax.make_array_from_process_local_data, batch_shardings, local_batch)
+    return jax.tree.map(jax.make_array_from_process_local_data, setup.batch_shardings,
+                        local_batch)
 
   # ----------------------------------------------------------------------------------------------
-  # Start from scratch, or resume from the latest checkpoint in the workdir.
+  # Where the run starts: resume > init_from > scratch (module docstring).
   manager = checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_like(state, state_shardings)),
+        state=ocp.args.StandardRestore(abstract_like(state, setup.state_shardings)),
         data=grain.checkpoint.CheckpointRestore(data_iter)))
     state = restored.state
-    print(f'resumed from step {int(state.step)} in {manager.directory}')
+    log(f'resumed from step {int(state.step)} in {manager.directory}')
+  elif config.init_from.workdir:
+    params, source_step, names = load_init_from(state.params, setup.state_shardings.params,
+                                                config.init_from)
+    state = state.replace(params=params)
+    towers = sorted({n.split('/')[0] for n in names})
+    log(f'initialised {len(names)} of {len(jax.tree.leaves(params))} parameter arrays '
+        f'({", ".join(towers)}) from step {source_step} of {config.init_from.workdir}; the rest '
+        f'and the optimizer state start fresh (seed {config.seed})')
+  else:
+    log(f'starting from scratch (seed {config.seed})')
+  first_step = int(state.step)
+  if first_step >= config.total_steps:
+    manager.close()
+    return state
+
+  t = time.perf_counter()
+  train_step = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
+  step_flops = xla_flops(train_step, mesh.size)  # what the compiled program executes
+  model_flops = model_info.flops_per_example(config)['train'] * config.batch_size  # the formula
+  peak = config.peak_tflops_per_device
+  if not peak:
+    peak = measure_peak_tflops(config.model.dtype)
+    log(f'MFU against a measured {config.model.dtype} matmul peak of {peak:.2f} TFLOP/s per '
+        f'device (set config.peak_tflops_per_device to use the datasheet figure)')
+  log(f'compiled the train step in {time.perf_counter() - t:.1f} s ({step_flops / 1e9:.1f} GFLOP '
+      f'per step as XLA counts it, {model_flops / 1e9:.1f} by the model formula)')
 
   # ----------------------------------------------------------------------------------------------
-  # Loop. Metrics are fetched from the device only on logging steps, so the host runs ahead.
+  # Evaluators: retrieval mAP and linear probe on features of the current parameters.
+  evaluator = evaluate.make_evaluator(setup.model, config, mesh) if config.eval.every else None
+
+  # ----------------------------------------------------------------------------------------------
+  # Loop. Metrics are fetched from the device only on log steps, so the host runs ahead.
   writer = MetricsWriter(workdir)
-  first_step = int(state.step)
+  preemption = PreemptionNotice(config.preemption_check_every)
+  profile, tracing = config.profile, False
   progress = tqdm.tqdm(total=config.total_steps, initial=first_step, desc='train',
                        disable=jax.process_index() != 0, dynamic_ncols=True)
-  last_time, last_step, data_wait = time.perf_counter(), first_step, 0.0
-  for step in range(first_step + 1, config.total_steps + 1):
-    t = time.perf_counter()
-    batch = to_global(next(data_iter))
-    data_wait += time.perf_counter() - t
-    state, terms = train_step(state, batch)
-    if step % config.log_every == 0 or step == config.total_steps:
-      metrics = {k: float(v) for k, v in jax.device_get(terms).items()}
-      now = time.perf_counter()
-      elapsed = now - last_time
-      metrics.update(step_time=elapsed / (step - last_step),
-                     examples_per_sec=config.batch_size * (step - last_step) / elapsed,
-                     tflops_per_sec=step_flops * (step - last_step) / elapsed / 1e12,
-                     data_wait=data_wait / (step - last_step))
-      writer.write(step, metrics)
-      progress.set_postfix(loss=f'{metrics["loss"]:.3f}')
-      last_time, last_step, data_wait = now, step, 0.0
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
-      manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)),
-          force=True)
-    progress.update(1)
-  progress.close()
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+  last_time, last_step, data_wait, paused = time.perf_counter(), first_step, 0.0, 0.0
+  try:
+    for step in range(first_step + 1, config.total_steps + 1):
+      if profile.steps and step == profile.start:
+        jax.profiler.start_trace(os.path.join(workdir, 'tensorboard'))
+        tracing = True
+      t = time.perf_counter()
+      batch = to_global(next(data_iter))
+      data_wait += time.perf_counter() - t
+      state, metrics = train_step(state, batch)
+      if tracing and step == profile.start + profile.steps - 1:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        tracing = False
+
+      if step % config.log_every == 0 or step == config.total_steps:
+        check_finite(state, metrics, manager)
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        steps, seconds = step - last_step, now - last_time - paused
+        values.update(step_time=seconds / steps,
+                      examples_per_sec=config.batch_size * steps / seconds,
+                      data_wait=data_wait / steps,
+                      tflops_per_sec=step_flops * steps / seconds / 1e12,
+                      model_tflops_per_sec=model_flops * steps / seconds / 1e12,
+                      mfu=model_flops * steps / seconds / 1e12 / (peak * mesh.size))
+        writer.write(step, values)
+        progress.set_postfix(loss=f'{values["loss"]:.3f}')
+        last_time, last_step, data_wait, paused = now, step, 0.0, 0.0
+
+      if evaluator and (step % config.eval.every == 0 or step == config.total_steps):
+        t = time.perf_counter()
+        results = evaluator(state.params)
+        writer.write(step, {f'eval/{k.replace(" ", "_")}': v for k, v in results.items()})
+        paused += time.perf_counter() - t
+
+      preempted = preemption.requested(step)
+      if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
+        check_finite(state, metrics, manager)  # never save a state after a non-finite step
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)),
+            force=True)
+      progress.update(1)
+      if preempted:
+        manager.wait_until_finished()
+        progress.close()
+        log(f'preempted (SIGTERM): saved step {step} in {manager.directory}; exiting')
+        break
+  finally:
+    if tracing:
+      jax.profiler.stop_trace()
+    preemption.close()
+    progress.close()
+    manager.wait_until_finished()  # an async save in flight completes, even on an error
+    manager.close()
+    writer.close()
   return state
 
 
