@@ -61,3 +61,13 @@ def batch_sharding(mesh: Mesh, batch) -> dict:
   """Every batch array is split along its leading (batch) dimension."""
   return jax.tree.map(
       lambda x: logical_sharding(mesh, ('batch',) + (None,) * (np.ndim(x) - 1)), batch)
+
+
+def bytes_per_device(abstract_tree) -> int:
+  """Bytes one device holds of a tree of arrays or ShapeDtypeStructs with shardings (the most
+  any device holds: shards of uneven splits differ)."""
+  total = 0
+  for x in jax.tree.leaves(abstract_tree):
+    shard = x.sharding.shard_shape(x.shape)
+    total += int(np.prod(shard, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+  return total
