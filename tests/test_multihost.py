@@ -1,0 +1,81 @@
+"""Two processes on localhost, 2 CPU devices each, joined by jax.distributed over gloo (through
+launch/localhost_multiprocess.sh), against one process with 4 devices: the same mesh
+(data=2 x fsdp=2), the same global batches (the pipeline hands process p rows
+[p B/2, (p+1) B/2) of each), so the same losses up to the order of floating-point sums in the
+cross-process collectives, and the same evaluation."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from configs import tiny
+from scale_jax import losses
+from scale_jax import train as trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = {'mesh.data': 2, 'mesh.fsdp': 2, 'total_steps': 12, 'checkpoint_every': 3,
+       'peak_tflops_per_device': 1.0, 'eval.every': 12}
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def rows_of(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f]
+  train = {r['step']: r for r in rows if 'loss' in r}
+  evals = [r for r in rows if any(k.startswith('eval/') for k in r)]
+  return train, evals
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  path = str(tmp_path_factory.getbasetemp() / 'jax-compilation-cache')  # test_trainer's too
+  compilation_cache.set_cache_dir(path)
+  compilation_cache.reset_cache()
+  yield path
+  jax.config.update('jax_compilation_cache_dir', None)
+  compilation_cache.reset_cache()
+
+
+def test_two_processes_match_one_with_four_devices(data_dir, cache_dir, tmp_path):
+  config = tiny.get_config()
+  config.data.dir = data_dir
+  for key, value in RUN.items():
+    section, _, leaf = key.rpartition('.')
+    (config[section] if section else config)[leaf] = value
+  one = str(tmp_path / 'one')
+  trainer.train(config, one)
+
+  two = str(tmp_path / 'two')
+  env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()),
+             JAX_COMPILATION_CACHE_DIR=cache_dir)
+  args = [f'--config.data.dir={data_dir}'] + [f'--config.{k}={v}' for k, v in RUN.items()]
+  proc = subprocess.run(['bash', 'launch/localhost_multiprocess.sh', '2', 'configs/tiny.py', two]
+                        + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=550)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+  expected, expected_eval = rows_of(one)
+  got, got_eval = rows_of(two)
+  assert sorted(got) == list(range(1, 13))
+  # Sums over devices in another order: a few float32 ulps per step, grown over 12 Adam steps.
+  for step, row in got.items():
+    for name in ('loss', 'contrastive', 'grad_norm', *losses.MASKED_OBJECTIVES.values()):
+      np.testing.assert_allclose(row[name], expected[step][name], rtol=1e-5,
+                                 err_msg=f'{name} at step {step}')
+  # Evaluation: every process extracted features for its rows and gathered them.
+  assert len(got_eval) == len(expected_eval) == 1
+  for k, v in expected_eval[0].items():
+    assert got_eval[0][k] == pytest.approx(v, abs=1e-6), k
+  # One Grain iterator state per process in each checkpoint.
+  data_item = os.path.join(two, 'checkpoints', '12', 'data')
+  assert len([f for f in os.listdir(data_item) if 'process' in f]) == 2, os.listdir(data_item)
