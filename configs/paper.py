@@ -20,7 +20,7 @@ def get_config():
   c.log_every = 100
   c.checkpoint_every = 5_000
   c.checkpoint_keep = 3
-  c.data.update(num_workers=-1, read_threads=4, prefetch=512)
+  c.data.update(num_workers=-1, read_threads=4, prefetch=512, cache_mb=0)  # 6.3M products
   c.text.max_len = 36
   c.table.max_len = 64
   c.image.update(size=192, patch=32)  # 6 x 6 = 36 patches (the paper's 36 regions)

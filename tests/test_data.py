@@ -364,6 +364,19 @@ def test_resume_mid_epoch_continues_identically(config, workers):
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+def test_decoded_cache_changes_nothing(config, data_dir):
+  n = len(pipeline.open_split(data_dir, 'train'))
+  steps = 2 * n // config.batch_size + 2  # into the third epoch
+  config.data.cache_mb = 0
+  plain = iter(pipeline.train_dataset(config))
+  config.data.cache_mb = 64
+  cached = iter(pipeline.train_dataset(config))
+  for _ in range(steps):
+    want, got = next(plain), next(cached)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 def test_masks_change_with_the_epoch(config, data_dir):
   n = len(pipeline.open_split(data_dir, 'train'))
   config.batch_size = 1

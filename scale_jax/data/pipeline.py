@@ -160,6 +160,42 @@ class Preprocess(grain.transforms.Map):
     return out
 
 
+class DecodedSource:
+  """The split's records decoded by Preprocess, as a random-access source for Grain.
+
+  Keeps up to `cache_bytes` of decoded products in memory, by record: decoding has no randomness
+  (the masks are drawn afterwards), so every epoch after the first skips reading and decoding
+  what fits. A catalogue far larger than memory simply runs uncached past the budget. Each Grain
+  worker process fills a cache of its own (it pickles empty).
+  """
+
+  def __init__(self, source, preprocess: Preprocess, cache_bytes: int = 0):
+    self.source, self.preprocess, self.cache_bytes = source, preprocess, cache_bytes
+    self._cache, self._cached_bytes = {}, 0
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    ex = self._cache.get(index)
+    if ex is not None:
+      return ex
+    ex = {k: np.asarray(v) for k, v in self.preprocess.map(self.source[index]).items()}
+    size = sum(v.nbytes for v in ex.values())
+    if self._cached_bytes + size <= self.cache_bytes:
+      for v in ex.values():
+        v.flags.writeable = False  # shared by every later epoch: Mask and batching only copy
+      self._cache[index] = ex
+      self._cached_bytes += size  # read threads may overshoot a little: a budget, not a limit
+    return ex
+
+  def __getstate__(self):
+    return {'source': self.source, 'preprocess': self.preprocess, 'cache_bytes': self.cache_bytes}
+
+  def __setstate__(self, state):
+    self.__init__(**state)
+
+
 @dataclasses.dataclass(frozen=True)
 class Mask(grain.transforms.MapWithIndex):
   """Draws the masks of the masked objectives from (seed, product, epoch) alone.
@@ -264,8 +300,8 @@ def num_workers(config) -> int:
 def train_dataset(config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """Endless shuffled training batches: this process's share, batch_size / process_count rows.
 
-  One global stream for all processes: the whole split shuffled (reshuffled every epoch), masks
-  drawn, cut into global batches. Process p reads rows [p * b, (p + 1) * b) of each global batch
+  One global stream for all processes: the whole split decoded (cached up to data.cache_mb),
+  shuffled (reshuffled every epoch), masks drawn, cut into global batches. Process p reads rows [p * b, (p + 1) * b) of each global batch
   (b = batch_size / process_count) and decodes only those, so shares are disjoint, together cover
   the split, and the global batch is the same for any number of processes.
   """
@@ -274,8 +310,8 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1) -> gra
   local_batch = config.batch_size // process_count
   source = open_split(config.data.dir, 'train')
   cfg = _plain(config)
-  ds = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat()
-  ds = ds.map(Preprocess(cfg))
+  decoded = DecodedSource(source, Preprocess(cfg), config.data.cache_mb << 20)
+  ds = grain.MapDataset.source(decoded).shuffle(seed=config.seed).repeat()
   ds = ds.map_with_index(Mask(cfg, config.model.vocab_size, config.seed, len(source)))
   ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
   ds = ds.to_iter_dataset(_read_options(config, local_batch))
