@@ -14,10 +14,12 @@ builds it (shuffle, decode, masks, batch; `data.num_workers` Grain worker proces
 process with `data.read_threads` threads), for one process (process_count 1).
 
 For each config and worker count: `--warmup` batches are drawn and discarded (worker start-up,
-imports, first reads; at least one per worker), then `--batches` batches are timed. Reported:
-examples/s and wall ms per example (1000 / examples/s), the CPU time per example of this process
-and its workers together (what decoding costs, independent of how many cores there are), and the
-start-up time (iterator creation to the first batch).
+imports, first reads; at least one per worker), then `--batches` batches are timed in the first
+epoch, where every product is read and decoded. Where the config caches decoded products
+(`data.cache_mb`), the rest of the epoch is drawn and `--batches` more are timed from the cache
+(what every later epoch runs at). Reported: examples/s of both, the CPU time per example of this
+process and its workers together in the first epoch (what decoding costs, independent of how
+many cores there are), and the start-up time (iterator creation to the first batch).
 
 The train step's consumption rate (examples/s), for the ratio pipeline / step, is either given,
 `--step-rate` (one per config, in --config order; e.g. from benchmarks/train_step.py), or measured
@@ -76,16 +78,28 @@ def measure(config, workers, batches, warmup):
   for _ in range(max(warmup, workers) - 1):  # every worker has delivered once before timing
     batch = next(it)
   batch_size = len(batch['label'])
-  cpu, t = _cpu_seconds(), time.perf_counter()
-  for _ in range(batches):
-    batch = next(it)
-  wall = time.perf_counter() - t
-  cpu = _cpu_seconds() - cpu  # read before the workers go away
+  drawn = max(warmup, workers)
+
+  def timed():
+    cpu, t = _cpu_seconds(), time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    wall = time.perf_counter() - t
+    cpu = _cpu_seconds() - cpu  # read before the workers go away
+    examples = batches * batch_size
+    return examples / wall, 1e3 * wall / examples, 1e3 * cpu / examples
+
+  rate, ms, cpu_ms = timed()
+  drawn += batches
+  cached_rate = None
+  if config.data.cache_mb:  # the decoded-product cache serves every epoch after the first
+    epoch = len(pipeline.open_split(config.data.dir, 'train'))
+    for _ in range(-(-epoch // batch_size) - drawn + 1):
+      next(it)
+    cached_rate = timed()[0]
   it.close()  # stops the worker processes and frees their shared memory
-  examples = batches * batch_size
-  return {'examples_per_s': examples / wall, 'ms_per_example': 1e3 * wall / examples,
-          'cpu_ms_per_example': 1e3 * cpu / examples, 'startup_s': startup_s,
-          'batch_size': batch_size}
+  return {'examples_per_s': rate, 'ms_per_example': ms, 'cpu_ms_per_example': cpu_ms,
+          'cached_examples_per_s': cached_rate, 'startup_s': startup_s, 'batch_size': batch_size}
 
 
 def time_train_step(config, steps):
@@ -146,20 +160,26 @@ def main():
           row[3] = rate
   print()
 
-  header = (f'{"config":<22}{"batch":>6}{"workers":>8}{"threads":>8}{"examples/s":>12}'
-            f'{"ms/example":>12}{"CPU ms/ex":>11}{"start s":>9}{"step ex/s":>11}{"x step":>8}')
+  header = (f'{"config":<14}{"batch":>6}{"workers":>8}{"threads":>8}{"ex/s 1st ep":>12}'
+            f'{"ex/s cached":>12}{"CPU ms/ex":>10}{"start s":>8}{"step ex/s":>10}'
+            f'{"x step":>8}{"cached":>8}')
   print(header)
   print('-' * len(header))
+
+  def ratio(rate, step_rate):
+    if not (rate and step_rate):
+      return f'{"-":>8}'
+    x = rate / step_rate
+    return f'{x:>7.1f}{"*" if x < REQUIRED_RATIO else " "}'
+
   for path, w, r, step_rate in rows:
     threads = args.read_threads or load_config(path).data.read_threads
-    if step_rate:
-      ratio = r['examples_per_s'] / step_rate
-      step = f'{step_rate:>11.1f}{ratio:>7.1f}{"*" if ratio < REQUIRED_RATIO else " "}'
-    else:
-      step = f'{"-":>11}{"-":>8}'
-    print(f'{os.path.basename(path):<22}{r["batch_size"]:>6}{w:>8}{threads:>8}'
-          f'{r["examples_per_s"]:>12.1f}{r["ms_per_example"]:>12.2f}'
-          f'{r["cpu_ms_per_example"]:>11.2f}{r["startup_s"]:>9.1f}{step}')
+    cached = r['cached_examples_per_s']
+    print(f'{os.path.basename(path):<14}{r["batch_size"]:>6}{w:>8}{threads:>8}'
+          f'{r["examples_per_s"]:>12.1f}{f"{cached:.1f}" if cached else "-":>12}'
+          f'{r["cpu_ms_per_example"]:>10.2f}{r["startup_s"]:>8.1f}'
+          f'{f"{step_rate:.1f}" if step_rate else "-":>10}'
+          f'{ratio(r["examples_per_s"], step_rate)}{ratio(cached, step_rate)}')
   if any(s for *_, s in rows):
     print(f'* below the required {REQUIRED_RATIO:g}x the train step\'s rate')
 
