@@ -364,6 +364,18 @@ def test_resume_mid_epoch_continues_identically(config, workers):
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+def test_media_that_fails_in_training_is_absent_not_fatal(config, caplog):
+  source = pipeline.open_split(config.data.dir, 'train')
+  preprocess = pipeline.Preprocess(pipeline._plain(config))
+  image = MODALITIES.index('image')
+  ex = next(dict(source[i]) for i in range(len(source)) if source[i]['present'][image])
+  ex['image'] = b'not a jpeg'
+  out = preprocess.map(ex)
+  assert not out['present'][image] and not out['image_valid'].any()
+  assert out['present'][MODALITIES.index('text')] == ex['present'][MODALITIES.index('text')]
+  assert 'cannot decode image' in caplog.text and 'image treated as absent' in caplog.text
+
+
 def test_decoded_cache_changes_nothing(config, data_dir):
   n = len(pipeline.open_split(data_dir, 'train'))
   steps = 2 * n // config.batch_size + 2  # into the third epoch

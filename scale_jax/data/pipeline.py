@@ -14,13 +14,14 @@ instead of decoding its media: `{m}_input` float32 [B, feature_tokens, feature_d
 Everything here is numpy: it runs in Grain worker processes, which must not touch JAX devices.
 """
 import dataclasses
+import functools
 import os
 import zlib
 
 import grain
 import numpy as np
-from absl import flags
 import tensorflow_datasets as tfds
+from absl import flags, logging
 
 from scale_jax import MODALITIES, active_modalities
 from scale_jax.data import build, media, tokenizer
@@ -103,21 +104,18 @@ def _audio(ex, present, c):
   return {'audio_input': patches, 'audio_valid': np.full(len(patches), present)}
 
 
-def _features(modality):
+def _features(modality, ex, present, c):
   """Pre-extracted features: the first feature_tokens rows of the stored [tokens, dim] array."""
-  def preprocess(ex, present, c):
-    out = np.zeros((c['feature_tokens'], c['feature_dim']), np.float32)
-    count = 0
-    if present:
-      x = media.decode_features(ex[f'{modality}_features'])[:c['feature_tokens']]
-      if x.shape[1] != c['feature_dim']:
-        raise ValueError(f'product {_item_id(ex)}: {modality} features have {x.shape[1]} '
-                         f'values per token but config.{modality}.feature_dim is '
-                         f'{c["feature_dim"]}')
-      count = len(x)
-      out[:count] = x
-    return {f'{modality}_input': out, f'{modality}_valid': np.arange(len(out)) < count}
-  return preprocess
+  out = np.zeros((c['feature_tokens'], c['feature_dim']), np.float32)
+  count = 0
+  if present:
+    x = media.decode_features(ex[f'{modality}_features'])[:c['feature_tokens']]
+    if x.shape[1] != c['feature_dim']:
+      raise ValueError(f'product {_item_id(ex)}: {modality} features have {x.shape[1]} values '
+                       f'per token but config.{modality}.feature_dim is {c["feature_dim"]}')
+    count = len(x)
+    out[:count] = x
+  return {f'{modality}_input': out, f'{modality}_valid': np.arange(len(out)) < count}
 
 
 PREPROCESS = {'text': _text, 'table': _table, 'image': _image, 'video': _video, 'audio': _audio}
@@ -150,12 +148,18 @@ class Preprocess(grain.transforms.Map):
            'product_key': np.uint32(zlib.crc32(_item_id(ex).encode('utf-8')))}
     present = []
     for m in modalities:
-      if _uses_features(self.cfg[m]):
-        present.append(features_present[m])
-        out.update(_features(m)(ex, bool(present[-1]), self.cfg[m]))
+      c = self.cfg[m]
+      if _uses_features(c):
+        decode, is_present = functools.partial(_features, m), features_present[m]
       else:
-        present.append(media_present[m])
-        out.update(PREPROCESS[m](ex, bool(present[-1]), self.cfg[m]))
+        decode, is_present = PREPROCESS[m], media_present[m]
+      try:
+        arrays = decode(ex, bool(is_present), c)
+      except media.MediaError as e:  # the build decoded it once; a run of days must not die here
+        logging.warning('product %s: %s; %s treated as absent', _item_id(ex), e, m)
+        is_present, arrays = False, decode(ex, False, c)
+      present.append(is_present)
+      out.update(arrays)
     out['present'] = np.array(present)
     return out
 
@@ -301,12 +305,14 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1) -> gra
   """Endless shuffled training batches: this process's share, batch_size / process_count rows.
 
   One global stream for all processes: the whole split decoded (cached up to data.cache_mb),
-  shuffled (reshuffled every epoch), masks drawn, cut into global batches. Process p reads rows [p * b, (p + 1) * b) of each global batch
-  (b = batch_size / process_count) and decodes only those, so shares are disjoint, together cover
-  the split, and the global batch is the same for any number of processes.
+  shuffled (reshuffled every epoch), masks drawn, cut into global batches. Process p reads rows
+  [p * b, (p + 1) * b) of each global batch (b = batch_size / process_count) and decodes only
+  those, so shares are disjoint, together cover the split, and the global batch is the same for
+  any number of processes.
   """
   if config.batch_size % process_count:
-    raise ValueError(f'batch_size {config.batch_size} does not split over {process_count} processes')
+    raise ValueError(f'batch_size {config.batch_size} does not split over {process_count} '
+                     'processes')
   local_batch = config.batch_size // process_count
   source = open_split(config.data.dir, 'train')
   cfg = _plain(config)

@@ -126,7 +126,8 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
   try:
     label, instance_id = int(record['label']), int(record.get('instance_id', -1))
   except (TypeError, ValueError):
-    problems.add('broken line', where, f'label {record["label"]!r} or instance_id is not an integer')
+    problems.add('broken line', where,
+                 f'label {record["label"]!r} or instance_id is not an integer')
     return None
 
   product = {'item_id': item_id, 'label': label, 'instance_id': instance_id, 'where': where,

@@ -14,8 +14,8 @@ def train_tokenizer(sentences: list, model_path: str, vocab_size: int,
   """Trains a unigram model on the sentences and writes it to model_path.
 
   vocab_size is an upper bound: a small corpus gets a smaller vocabulary. A corpus larger than
-  max_sentences is sampled evenly (sentencepiece's own sampling is not seeded). The progress bar counts
-  the sentences sentencepiece reads; its training afterwards reports nothing.
+  max_sentences is sampled evenly (sentencepiece's own sampling is not seeded). The progress bar
+  counts the sentences sentencepiece reads; its training afterwards reports nothing.
   """
   if len(sentences) > max_sentences:  # an even, deterministic sample (rebuilds must agree)
     sentences = sentences[::-(-len(sentences) // max_sentences)]
@@ -35,7 +35,10 @@ def train_tokenizer(sentences: list, model_path: str, vocab_size: int,
 
 def load_tokenizer(model_path: str) -> spm.SentencePieceProcessor:
   tok = spm.SentencePieceProcessor(model_file=model_path)
-  assert [tok.id_to_piece(i) for i in (PAD, CLS, SEP, MASK)] == ['[PAD]', '[CLS]', '[SEP]', '[MASK]']
+  specials = [tok.id_to_piece(i) for i in (PAD, CLS, SEP, MASK)]
+  if specials != ['[PAD]', '[CLS]', '[SEP]', '[MASK]']:
+    raise ValueError(f'{model_path}: not a tokenizer written by scale_jax.data.build (special '
+                     f'tokens {specials})')
   return tok
 
 
