@@ -11,15 +11,20 @@ from scale_jax.train import train
 
 @pytest.fixture(scope='module')
 def trained(data_dir, tmp_path_factory):
-  """A tiny run of 2 steps, then resumed to 4 (the second call must pick up at step 2)."""
+  """A tiny run of 2 steps (evaluated at step 2, step 1 profiled), then resumed to 4 (the second
+  call must pick up at step 2)."""
   from configs import tiny
   config = tiny.get_config()
   config.data.dir = data_dir
   config.mesh.update(data=2, fsdp=2)
   workdir = str(tmp_path_factory.mktemp('run'))
   config.total_steps = 2
+  config.eval.every = 2
+  config.profile.update(start=1, steps=1)
   train(config, workdir)
   config.total_steps = 4
+  config.eval.every = 0
+  config.profile.steps = 0
   state = train(config, workdir)
   return config, workdir, state
 
@@ -29,13 +34,20 @@ def test_metrics_and_checkpoints(trained):
   assert int(state.step) == 4
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
     rows = [json.loads(line) for line in f]
-  assert [r['step'] for r in rows] == [1, 2, 3, 4]  # resumed at 3, nothing repeated
-  for r in rows:
+  train_rows = [r for r in rows if 'loss' in r]
+  assert [r['step'] for r in train_rows] == [1, 2, 3, 4]  # resumed at 3, nothing repeated
+  for r in train_rows:
     for key in ('loss', 'contrastive', 'grad_norm', 'lr', 'examples_per_sec', 'data_wait',
-                *losses.MASKED_OBJECTIVES.values()):
+                'mfu', 'weights/text-image', *losses.MASKED_OBJECTIVES.values()):
       assert np.isfinite(r[key]), key
+  eval_rows = [r for r in rows if 'loss' not in r]
+  assert [r['step'] for r in eval_rows] == [2]
+  assert set(eval_rows[0]) == {'step', 'eval/mAP@1', 'eval/mAP@5', 'eval/mAP@10', 'eval/probe_acc'}
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
   assert any(f.startswith('events') for f in os.listdir(os.path.join(workdir, 'tensorboard')))
+  traces = [f for _, _, files in os.walk(os.path.join(workdir, 'tensorboard', 'plugins', 'profile'))
+            for f in files if f.endswith('.xplane.pb')]
+  assert traces  # the profiler trace of step 1
 
 
 def test_evaluate_reports_both_rows(trained):
