@@ -4,7 +4,8 @@ co-transformer, width 1024, 16 heads; images at 224 px in 16 px patches (196 + 1
     launch/tpu_pod.sh configs/large.py gs://BUCKET/runs/large --config.data.dir=/mnt/m5p
 
 Parameters and Adam moments are sharded over all devices (FSDP), blocks rematerialised and scanned.
-Check memory per device before booking a pod with `jax.eval_shape`-based tests or an AOT compile.
+Check memory per device before booking a pod (CPU compiler's figures, minutes to compile):
+    python -m scale_jax.aot --config configs/large.py --mesh data=1,fsdp=16,tensor=1
 """
 from configs import paper
 

@@ -7,7 +7,9 @@ For M5Product built with `python -m scale_jax.data.build --raw M5P_RAW --out M5P
 --vocab-size 32000`. The paper trained 5 to 10 epochs at batch 64 with Adam(W), lr 1e-4, 10%
 linear warm-up then linear decay, on 1 to 4 GPUs; on a pod raise batch_size (and lr) and mesh.data.
 Not reproduced: the paper started the text tower from BERT (at lr x 0.1); nothing is downloaded
-here, so every tower starts from scratch.
+here, so every tower starts from scratch. From a run whose text tower was trained already:
+    --config.init_from.workdir=RUNS/text --config.init_from.include='^(encoders_text|token_embed)/'
+    "--config.optimizer.lr_multipliers=(('^(encoders_text|token_embed)/', 0.1),)"
 On this project's 2-core CPU one step at batch 16 takes seconds (docs/benchmarks.md).
 """
 from configs import demo

@@ -1,5 +1,5 @@
-r"""Pretrains SCALE. Read top to bottom: setup, mesh, data, model and train step, where the run
-starts, evaluators, loop.
+r"""Pretrains SCALE. `train` reads top to bottom: setup, mesh, input, model and train step, where
+the run starts, compilation, evaluators, loop; the functions above it are its parts.
 
     python -m scale_jax.train --config configs/demo.py --workdir RUN [--config.x=y ...]
 
@@ -464,38 +464,43 @@ def train(config, workdir):
 
   # ----------------------------------------------------------------------------------------------
   # Model, optimizer, sharded initialisation and the train step, built as scale_jax.aot builds
-  # them. The step is compiled ahead of the loop, so step times exclude compilation.
+  # them (shapes from jax.eval_shape: nothing is allocated yet).
   setup = build_train_setup(config, mesh)
-  state = setup.init(jax.random.key(config.seed))
 
   def to_global(local_batch):
     return jax.tree.map(jax.make_array_from_process_local_data, setup.batch_shardings,
                         local_batch)
 
   # ----------------------------------------------------------------------------------------------
-  # Where the run starts: resume > init_from > scratch (module docstring).
+  # Where the run starts: resume > init_from > scratch (module docstring). A resumed state is
+  # restored straight onto this mesh's shardings, never initialised first.
   manager = checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_like(state, setup.state_shardings)),
+        state=ocp.args.StandardRestore(setup.abstract_state),
         data=grain.checkpoint.CheckpointRestore(data_iter)))
     state = restored.state
     log(f'resumed from step {int(state.step)} in {manager.directory}')
-  elif config.init_from.workdir:
-    params, source_step, names = load_init_from(state.params, setup.state_shardings.params,
-                                                config.init_from)
-    state = state.replace(params=params)
-    towers = sorted({n.split('/')[0] for n in names})
-    log(f'initialised {len(names)} of {len(jax.tree.leaves(params))} parameter arrays '
-        f'({", ".join(towers)}) from step {source_step} of {config.init_from.workdir}; the rest '
-        f'and the optimizer state start fresh (seed {config.seed})')
   else:
-    log(f'starting from scratch (seed {config.seed})')
+    state = setup.init(jax.random.key(config.seed))
+    if config.init_from.workdir:
+      params, source_step, names = load_init_from(state.params, setup.state_shardings.params,
+                                                  config.init_from)
+      state = state.replace(params=params)
+      towers = sorted({n.split('/')[0] for n in names})
+      log(f'initialised {len(names)} of {len(jax.tree.leaves(params))} parameter arrays '
+          f'({", ".join(towers)}) from step {source_step} of {config.init_from.workdir}; the '
+          f'rest and the optimizer state start fresh (seed {config.seed})')
+    else:
+      log(f'starting from scratch (seed {config.seed})')
   first_step = int(state.step)
   if first_step >= config.total_steps:
     manager.close()
     return state
 
+  # ----------------------------------------------------------------------------------------------
+  # Compile the step ahead of the loop, so step times exclude compilation. FLOPs per step: XLA's
+  # count of the compiled program, and the model formula (scale_jax/model_info.py) MFU uses.
   t = time.perf_counter()
   train_step = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
   step_flops = xla_flops(train_step, mesh.size)  # what the compiled program executes
