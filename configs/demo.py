@@ -76,6 +76,9 @@ def get_config():
       dtype='float32',  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
       remat='none',  # per block: 'none', 'full' (recompute all) or 'dots' (keep matmul outputs)
       scan_layers=False,  # one compiled block per encoder, parameters stacked (faster compile)
+      # Dense layers' matmuls: 'float32', or 'bf16_operands' (bf16 inputs, f32 accumulation, f32
+      # parameters and gradients; faster on CPUs with AVX512_BF16, docs/benchmarks.md).
+      matmul='float32',
   )
   # Coefficient of each objective in the total loss.
   c.loss = dict(contrastive=1.0, mlm=1.0, mem=1.0, mrm=1.0, mfp=1.0, mam=1.0)

@@ -1,4 +1,6 @@
 """Transformer building blocks with logical axis names on every parameter and activation."""
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -6,6 +8,77 @@ from flax import linen as nn
 partitioned = nn.with_logical_partitioning
 constrain = nn.with_logical_constraint
 dense_init = nn.initializers.xavier_uniform()
+
+
+# model.matmul='bf16_operands': every Dense/DenseGeneral multiplies bf16 copies of its input and
+# kernel with f32 accumulation and f32 output; parameters, gradients, optimizer state and all
+# other arithmetic stay f32. On a CPU with AVX512_BF16 this runs XLA:CPU's YNNPACK bf16 kernel at
+# about twice the f32 matmul rate, but XLA takes that path only for a 2-D dot whose operands are
+# row-major with the LHS contracted on its last axis (the RHS on either). Otherwise it upcasts the
+# operands to f32 (slower than plain f32), which is what autodiff's dW = x^T dy does. Hence a
+# custom VJP: dx = dy W^T is already in the fast form; dW needs x^T as a real row-major copy.
+def _dot(a, b, contract_b):
+  """a [M, K] times b ([K, N] if contract_b == 0, [N, K] if 1), f32 accumulation and output."""
+  return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _row_major_transpose(a):
+  """a.T materialised row-major. A plain a.T gets folded into the dot (or laid out column-major),
+  which sends XLA:CPU back to its f32 path; the reshape behind an optimization barrier forces a
+  bf16 transpose copy (a few % of the dot's time)."""
+  m, k = a.shape
+  return jax.lax.optimization_barrier(a.T.reshape(1, k, m)).reshape(k, m)
+
+
+@jax.custom_vjp
+def _bf16_matmul(x, w):
+  """x [M, K] @ w [K, N], both f32, through bf16 operands; f32 result and gradients."""
+  return _dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), 0)
+
+
+def _bf16_matmul_fwd(x, w):
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  return _dot(xb, wb, 0), (xb, wb)  # keeps x for the backward in bf16: half the f32 memory
+
+
+def _bf16_matmul_bwd(res, dy):
+  xb, wb = res
+  dyb = dy.astype(jnp.bfloat16)
+  dx = _dot(dyb, wb, 1)  # dy [M, N] W^T: W [K, N] contracted on its last axis
+  dw = _dot(_row_major_transpose(xb), dyb, 0)  # x^T [K, M] dy [M, N]
+  return dx, dw
+
+
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def bf16_operands_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                              preferred_element_type=None):
+  """lax.dot_general's signature for flax's `dot_general=`, in bf16 operands / f32 accumulation.
+  Handles what Dense and DenseGeneral ask for: lhs's trailing axes contracted with rhs's leading
+  ones, no batch axes; flattened to one 2-D matmul."""
+  del precision, preferred_element_type
+  (lc, rc), (lb, rb) = dimension_numbers
+  n = len(lc)
+  lc = tuple(a % lhs.ndim for a in lc)
+  if lb or rb or lc != tuple(range(lhs.ndim - n, lhs.ndim)) or tuple(rc) != tuple(range(n)):
+    raise NotImplementedError(f'bf16_operands_dot_general: dimension numbers {dimension_numbers}')
+  outer, inner = lhs.shape[:lhs.ndim - n], lhs.shape[lhs.ndim - n:]
+  f32 = jnp.float32
+  out = _bf16_matmul(lhs.reshape(-1, math.prod(inner)).astype(f32),
+                     rhs.reshape(math.prod(inner), -1).astype(f32))
+  return out.reshape(outer + rhs.shape[n:]).astype(jnp.result_type(lhs, rhs))
+
+
+# model.matmul -> the `dot_general` of every Dense/DenseGeneral (None: flax's lax.dot_general).
+MATMULS = {'float32': None, 'bf16_operands': bf16_operands_dot_general}
+
+
+def dot_general_for(matmul: str):
+  if matmul not in MATMULS:
+    raise ValueError(f'model.matmul must be one of {list(MATMULS)}, not {matmul!r}')
+  return MATMULS[matmul]
 
 
 def layer_norm(name=None, dtype=jnp.float32):
@@ -18,6 +91,7 @@ class Attention(nn.Module):
   """Multi-head self-attention; `key_valid` [B, S] keeps padding and absent modalities out."""
   heads: int
   dtype: jnp.dtype = jnp.float32
+  matmul: str = 'float32'
 
   @nn.compact
   def __call__(self, x, key_valid):
@@ -25,6 +99,7 @@ class Attention(nn.Module):
     head_dim = width // self.heads
     qkv = nn.DenseGeneral(
         (3, self.heads, head_dim), dtype=self.dtype, name='qkv',
+        dot_general=dot_general_for(self.matmul),
         kernel_init=partitioned(dense_init, ('embed', None, 'heads', 'kv')),
         bias_init=partitioned(nn.initializers.zeros, (None, 'heads', 'kv')))(x)
     q, k, v = (constrain(qkv[:, :, i], ('batch', 'length', 'heads', 'kv')) for i in range(3))
@@ -32,6 +107,7 @@ class Attention(nn.Module):
     out = jax.nn.dot_product_attention(q, k, v, mask=key_valid[:, None, None, :])
     return nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype, name='out',
+        dot_general=dot_general_for(self.matmul),
         kernel_init=partitioned(dense_init, ('heads', 'kv', 'embed')),
         bias_init=partitioned(nn.initializers.zeros, ('embed',)))(out)
 
@@ -42,18 +118,20 @@ class Block(nn.Module):
   mlp_dim: int
   dtype: jnp.dtype = jnp.float32
   scanned: bool = False
+  matmul: str = 'float32'
 
   @nn.compact
   def __call__(self, x, key_valid):
     x = constrain(x, ('batch', 'length', 'embed'))
-    x = x + Attention(self.heads, self.dtype, name='attention')(
+    dot_general = dot_general_for(self.matmul)
+    x = x + Attention(self.heads, self.dtype, self.matmul, name='attention')(
         layer_norm('ln_attention', self.dtype)(x), key_valid)
     h = layer_norm('ln_mlp', self.dtype)(x)
-    h = nn.Dense(self.mlp_dim, dtype=self.dtype, name='mlp_in',
+    h = nn.Dense(self.mlp_dim, dtype=self.dtype, name='mlp_in', dot_general=dot_general,
                  kernel_init=partitioned(dense_init, ('embed', 'mlp')),
                  bias_init=partitioned(nn.initializers.zeros, ('mlp',)))(h)
     h = constrain(nn.gelu(h), ('batch', 'length', 'mlp'))
-    h = nn.Dense(x.shape[-1], dtype=self.dtype, name='mlp_out',
+    h = nn.Dense(x.shape[-1], dtype=self.dtype, name='mlp_out', dot_general=dot_general,
                  kernel_init=partitioned(dense_init, ('mlp', 'embed')),
                  bias_init=partitioned(nn.initializers.zeros, ('embed',)))(h)
     x = x + h
@@ -77,6 +155,7 @@ class Encoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: str = 'none'
   scan: bool = False
+  matmul: str = 'float32'
 
   @nn.compact
   def __call__(self, x, key_valid):
@@ -89,8 +168,10 @@ class Encoder(nn.Module):
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=nn.broadcast, length=self.layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(self.heads, self.mlp_dim, self.dtype, scanned=True, name='blocks')(x, key_valid)
+      x, _ = stack(self.heads, self.mlp_dim, self.dtype, scanned=True, matmul=self.matmul,
+                   name='blocks')(x, key_valid)
     else:
       for i in range(self.layers):
-        x = block(self.heads, self.mlp_dim, self.dtype, name=f'block_{i}')(x, key_valid)
+        x = block(self.heads, self.mlp_dim, self.dtype, matmul=self.matmul,
+                  name=f'block_{i}')(x, key_valid)
     return layer_norm('ln_final', self.dtype)(x)

@@ -7,7 +7,8 @@ from flax import linen as nn
 from scale_jax import active_modalities
 from scale_jax.data.pipeline import TOKEN_MODALITIES, patch_dims, token_counts
 from scale_jax.losses import MASKED_OBJECTIVES, l2_normalize
-from scale_jax.model.layers import Encoder, constrain, dense_init, layer_norm, partitioned
+from scale_jax.model.layers import (Encoder, constrain, dense_init, dot_general_for, layer_norm,
+                                   partitioned)
 
 # Modalities that can share an encoder (model.share_text_table, model.share_image_video).
 SHARED_ENCODERS = {'share_text_table': ('text', 'table'), 'share_image_video': ('image', 'video')}
@@ -32,8 +33,10 @@ class Scale(nn.Module):
     self.modalities = active_modalities(c)
     self.dtype = jnp.dtype(m.dtype)
     counts, dims = token_counts(c), patch_dims(c)
+    matmul = m.get('matmul', 'float32')  # configs saved before the field existed: float32
+    dot_general = dot_general_for(matmul)  # of every Dense here and in the encoders
     encoder = lambda: Encoder(m.encoder_layers, m.heads, m.mlp_dim, self.dtype, m.remat,
-                              m.scan_layers)
+                              m.scan_layers, matmul)
     owner = {k: k for k in self.modalities}  # whose encoder each modality runs through
     for switch, (a, b) in SHARED_ENCODERS.items():
       if m[switch] and a in owner and b in owner:
@@ -45,11 +48,12 @@ class Scale(nn.Module):
       # decoders are tied to it).
       self.token_embed = nn.Embed(m.vocab_size, m.width, embedding_init=partitioned(
           nn.initializers.normal(0.02), ('vocab', 'embed')))
-    self.patch_embed = {k: nn.Dense(m.width, dtype=self.dtype,
+    self.patch_embed = {k: nn.Dense(m.width, dtype=self.dtype, dot_general=dot_general,
                                     kernel_init=partitioned(dense_init, ('patch', 'embed')),
                                     bias_init=partitioned(nn.initializers.zeros, ('embed',)))
                         for k in dims}
     self.projections = {k: nn.Dense(m.embed_dim, dtype=self.dtype, use_bias=False,
+                                    dot_general=dot_general,
                                     kernel_init=partitioned(dense_init, ('embed', None)))
                         for k in self.modalities}
     self.positions = {k: _param(self, f'{k}_position', (counts[k], m.width), ('length', 'embed'))
@@ -60,17 +64,18 @@ class Scale(nn.Module):
       self.type_embed = _param(self, 'type_embed', (len(self.modalities), m.width),
                                ('modality', 'embed'))
     if m.joint_layers:
-      self.joint = Encoder(m.joint_layers, m.heads, m.mlp_dim, self.dtype, m.remat, m.scan_layers)
+      self.joint = Encoder(m.joint_layers, m.heads, m.mlp_dim, self.dtype, m.remat, m.scan_layers,
+                           matmul)
     predicted = predicted_modalities(c)
     if any(k in TOKEN_MODALITIES for k in predicted):
       self.token_head = nn.Sequential([
-          nn.Dense(m.width, dtype=self.dtype,
+          nn.Dense(m.width, dtype=self.dtype, dot_general=dot_general,
                    kernel_init=partitioned(dense_init, ('embed', 'mlp')),
                    bias_init=partitioned(nn.initializers.zeros, ('mlp',))),
           nn.gelu, layer_norm(dtype=self.dtype)])
       self.token_bias = _param(self, 'token_bias', (m.vocab_size,), ('vocab',),
                                nn.initializers.zeros)
-    self.patch_heads = {k: nn.Dense(dims[k], dtype=self.dtype,
+    self.patch_heads = {k: nn.Dense(dims[k], dtype=self.dtype, dot_general=dot_general,
                                     kernel_init=partitioned(dense_init, ('embed', 'patch')),
                                     bias_init=partitioned(nn.initializers.zeros, ('patch',)))
                         for k in predicted if k in dims}
