@@ -291,8 +291,9 @@ def _plain(config) -> dict:
 
 def _read_options(config, batch_size):
   """Threads and read-ahead; config.data.prefetch counts examples, Grain's buffer elements."""
-  return grain.ReadOptions(num_threads=config.data.read_threads,
-                           prefetch_buffer_size=max(1, -(-config.data.prefetch // batch_size)))
+  threads = config.data.read_threads
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(
+      threads, -(-config.data.prefetch // batch_size)))  # fewer than threads would idle some
 
 
 def num_workers(config) -> int:
