@@ -512,6 +512,10 @@ def train(config, workdir):
         f'device (set config.peak_tflops_per_device to use the datasheet figure)')
   log(f'compiled the train step in {time.perf_counter() - t:.1f} s ({step_flops / 1e9:.1f} GFLOP '
       f'per step as XLA counts it, {model_flops / 1e9:.1f} by the model formula)')
+  # Processes finish compiling at different times (one loads the step from a compilation cache,
+  # another compiles it): meet at the coordination service, which waits long, before the first
+  # collective, which may not (gloo's CPU collectives give up after 30 s). No-op for one process.
+  ocp.multihost.get_barrier_sync_fn()(key='scale_jax_train_step_compiled', timeout_ms=3_600_000)
 
   # ----------------------------------------------------------------------------------------------
   # Evaluators: retrieval mAP and linear probe on features of the current parameters.

@@ -1,13 +1,17 @@
 """Two processes on localhost, 2 CPU devices each, joined by jax.distributed over gloo (through
 launch/localhost_multiprocess.sh), against one process with 4 devices: the same mesh
-(data=2 x fsdp=2), the same global batches (the pipeline hands process p rows
-[p B/2, (p+1) B/2) of each), so the same losses up to the order of floating-point sums in the
-cross-process collectives, and the same evaluation."""
+(data=2 x fsdp=2, so parameters are sharded across the processes), the same global batches (the
+pipeline hands process p rows [p B/2, (p+1) B/2) of each), so the same losses up to the order of
+floating-point sums in the cross-process collectives, and the same evaluation. The two-process
+run is preempted (SIGTERM) part way and restarted, so both processes agree on the step to save at
+and restore their own shards and iterator states."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -20,7 +24,7 @@ from scale_jax import train as trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = {'mesh.data': 2, 'mesh.fsdp': 2, 'total_steps': 12, 'checkpoint_every': 3,
-       'peak_tflops_per_device': 1.0, 'eval.every': 12}
+       'peak_tflops_per_device': 1.0, 'eval.every': 12, 'preemption_check_every': 2}
 
 
 def free_port():
@@ -31,7 +35,7 @@ def free_port():
 
 def rows_of(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    rows = [json.loads(line) for line in f]
+    rows = [json.loads(line) for line in f if line.endswith('\n')]  # a line being written: not yet
   train = {r['step']: r for r in rows if 'loss' in r}
   evals = [r for r in rows if any(k.startswith('eval/') for k in r)]
   return train, evals
@@ -59,10 +63,27 @@ def test_two_processes_match_one_with_four_devices(data_dir, cache_dir, tmp_path
   two = str(tmp_path / 'two')
   env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()),
              JAX_COMPILATION_CACHE_DIR=cache_dir)
-  args = [f'--config.data.dir={data_dir}'] + [f'--config.{k}={v}' for k, v in RUN.items()]
-  proc = subprocess.run(['bash', 'launch/localhost_multiprocess.sh', '2', 'configs/tiny.py', two]
-                        + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=550)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  command = (['bash', 'launch/localhost_multiprocess.sh', '2', 'configs/tiny.py', two]
+             + [f'--config.data.dir={data_dir}'] + [f'--config.{k}={v}' for k, v in RUN.items()])
+  launch = lambda: subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+  # Preempted once step 2 is logged: every process saves at the same step and exits 0.
+  proc, deadline = launch(), time.time() + 400
+  metrics = os.path.join(two, 'metrics.jsonl')
+  while not (os.path.exists(metrics) and max(rows_of(two)[0], default=0) >= 2):
+    assert proc.poll() is None, proc.stdout.read()[-5000:]
+    assert time.time() < deadline, 'timed out'
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-5000:]
+  saved = max(rows_of(two)[0])
+  assert f'preempted (SIGTERM): saved step {saved}' in out and saved % 2 == 0 and saved < 12
+  # Restarted: resumes there and finishes.
+  proc = launch()
+  out, _ = proc.communicate(timeout=400)
+  assert proc.returncode == 0, out[-5000:]
+  assert f'resumed from step {saved}' in out
 
   expected, expected_eval = rows_of(one)
   got, got_eval = rows_of(two)

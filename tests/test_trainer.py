@@ -65,6 +65,8 @@ def read_metrics(workdir):
   rows = {}
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
     for line in f:
+      if not line.endswith('\n'):  # being written
+        continue
       row = json.loads(line)
       if 'loss' in row:
         rows[row['step']] = row
