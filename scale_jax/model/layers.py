@@ -26,7 +26,7 @@ def _dot(a, b, contract_b):
 def _row_major_transpose(a):
   """a.T materialised row-major. A plain a.T gets folded into the dot (or laid out column-major),
   which sends XLA:CPU back to its f32 path; the reshape behind an optimization barrier forces a
-  bf16 transpose copy (a few % of the dot's time)."""
+  bf16 transpose copy (cheap next to the f32 fallback; docs/benchmarks.md)."""
   m, k = a.shape
   return jax.lax.optimization_barrier(a.T.reshape(1, k, m)).reshape(k, m)
 
