@@ -32,7 +32,7 @@ def get_config():
   # parameters whose path ('encoders_text/block_0/mlp_in/kernel') the regex `include` finds.
   c.init_from = dict(workdir='', include='.*')
   # MFU's denominator: peak TFLOP/s of one device at the compute dtype (H100 SXM bf16 dense 989,
-  # TPU v4 275, v5e 197); 0 = measure a large matmul at start (an achievable, not a datasheet, peak).
+  # TPU v4 275, v5e 197); 0 = measure a large matmul at start (achievable, below the datasheet).
   c.peak_tflops_per_device = 0.0
   # A profiler trace of `steps` steps from step `start` into RUN/tensorboard (0 steps: off).
   c.profile = dict(start=0, steps=0)
