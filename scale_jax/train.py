@@ -160,9 +160,10 @@ def unmicrobatched(x):
 PARAMETER_OUTPUTS = ('temperature', 'weight_logits')
 
 
-def metrics_and_grads(model, params, batch, config, rng, mesh):
+def metrics_and_grads(model, params, batch, config, rng, mesh, param_shardings=None):
   """Every objective term and the batch-mean weights over the global batch, and the gradient of
-  the total loss; with config.microbatches = k > 1, computed k microbatches at a time."""
+  the total loss; with config.microbatches = k > 1, computed k microbatches at a time (the
+  gradient sum then kept sharded as `param_shardings`)."""
   apply = lambda p, b, r: model.apply({'params': p}, b, rngs={'dropout': r})
   k = config.microbatches
   if k == 1:
@@ -220,8 +221,10 @@ def metrics_and_grads(model, params, batch, config, rng, mesh):
     (_, masked), g = jax.value_and_grad(surrogate, has_aux=True)(params)
     return jax.tree.map(jnp.add, grads, g), masked
 
-  grads, masked = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params),
-                               (micro, layout(microbatched(z_cot, k)), index))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  if param_shardings is not None:  # under FSDP the sum is as sharded as the parameters
+    zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+  grads, masked = jax.lax.scan(accumulate, zeros, (micro, layout(microbatched(z_cot, k)), index))
   masked = {n: jnp.sum(v) for n, v in masked.items()}
   metrics.update(masked)
   metrics['loss'] = metrics['loss'] + sum(config.loss[n] * v for n, v in masked.items())
@@ -244,7 +247,8 @@ def make_train_step(model, tx, schedule, config, state_shardings, batch_sharding
                      out_shardings=(state_shardings, None), donate_argnums=0)
   def train_step(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    metrics, grads = metrics_and_grads(model, state.params, batch, config, rng, mesh)
+    metrics, grads = metrics_and_grads(model, state.params, batch, config, rng, mesh,
+                                       state_shardings.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
     # A non-finite metric leaves the state as it was and records the first such step, which the
