@@ -27,27 +27,12 @@ from scale_jax.train import (build_model, make_optimizer, make_train_step, shard
                              xla_flops)
 
 
-def random_batch(config, rng):
-  """A batch with the real shapes, random content and the configured mask rates."""
-  batch = pipeline.dummy_batch(config, config.batch_size)
-  for k, v in batch.items():
-    if k.endswith('_input') and v.dtype == np.float32:
-      batch[k] = rng.normal(size=v.shape).astype(np.float32)
-    elif k.endswith(('_input', '_target')):
-      batch[k] = rng.integers(5, config.model.vocab_size, v.shape).astype(np.int32)
-    elif k.endswith('_valid') or k == 'present':
-      batch[k] = np.ones(v.shape, bool)
-    elif k.endswith('_masked'):
-      batch[k] = rng.random(v.shape) < 0.15
-  return batch
-
-
 def compile_step(config):
   """The compiled train step, its state and batch, and XLA's FLOP count."""
   mesh = sharding.make_mesh(config.mesh)
   model, (tx, schedule) = build_model(config), make_optimizer(config)
   init, state_shardings = sharded_state_init(model, tx, config, mesh)
-  batch = random_batch(config, np.random.default_rng(0))
+  batch = pipeline.random_batch(config, config.batch_size, np.random.default_rng(0))
   batch_shardings = sharding.batch_sharding(mesh, batch)
   step = make_train_step(model, tx, schedule, config, state_shardings, batch_shardings)
   state = init(jax.random.key(0))

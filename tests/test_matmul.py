@@ -59,24 +59,9 @@ def test_unsupported_dimension_numbers_and_names_are_refused():
   assert dot_general_for('float32') is None  # flax's own lax.dot_general: results unchanged
 
 
-def random_batch(config):
-  rng = np.random.default_rng(0)
-  batch = pipeline.dummy_batch(config, config.batch_size)
-  for k, v in batch.items():
-    if k.endswith('_input') and v.dtype == np.float32:
-      batch[k] = rng.normal(size=v.shape).astype(np.float32)
-    elif k.endswith(('_input', '_target')):
-      batch[k] = rng.integers(5, config.model.vocab_size, v.shape).astype(np.int32)
-    elif k.endswith('_valid') or k == 'present':
-      batch[k] = np.ones(v.shape, bool)
-    elif k.endswith('_masked'):
-      batch[k] = rng.random(v.shape) < 0.15
-  return batch
-
-
 def test_tiny_scale_objective_and_gradients_close_to_float32():
   config = tiny.get_config()
-  batch = random_batch(config)
+  batch = pipeline.random_batch(config, config.batch_size, np.random.default_rng(0))
   results = {}
   for matmul in ('float32', 'bf16_operands'):
     c = config.copy_and_resolve_references()

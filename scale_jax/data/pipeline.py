@@ -284,6 +284,23 @@ def dummy_batch(config, batch_size: int, train: bool = True) -> dict:
   return {k: np.zeros((batch_size,) + shape, dtype) for k, (shape, dtype) in spec.items()}
 
 
+def random_batch(config, batch_size: int, rng: np.random.Generator) -> dict:
+  """dummy_batch's shapes with random content: every modality present, 15% of positions masked
+  (benchmarks and tests that need no dataset)."""
+  batch = dummy_batch(config, batch_size)
+  for k, v in batch.items():
+    if k.endswith('_input') and v.dtype == np.float32:
+      batch[k] = rng.normal(size=v.shape).astype(np.float32)
+    elif k.endswith(('_input', '_target')):
+      batch[k] = rng.integers(len(tokenizer.SPECIAL_IDS), config.model.vocab_size,
+                              v.shape).astype(np.int32)
+    elif k.endswith('_valid') or k == 'present':
+      batch[k] = np.ones(v.shape, bool)
+    elif k.endswith('_masked'):
+      batch[k] = rng.random(v.shape) < 0.15
+  return batch
+
+
 def _plain(config) -> dict:
   modalities = active_modalities(config)
   return {'modalities': modalities, **{m: dict(config[m]) for m in modalities}}
