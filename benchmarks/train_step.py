@@ -23,22 +23,18 @@ import numpy as np
 from scale_jax import sharding
 from scale_jax.data import pipeline
 from scale_jax.model_info import load_config
-from scale_jax.train import (build_model, make_optimizer, make_train_step, sharded_state_init,
-                             xla_flops)
+from scale_jax.train import build_train_setup, xla_flops
 
 
 def compile_step(config):
   """The compiled train step, its state and batch, and XLA's FLOP count."""
   mesh = sharding.make_mesh(config.mesh)
-  model, (tx, schedule) = build_model(config), make_optimizer(config)
-  init, state_shardings = sharded_state_init(model, tx, config, mesh)
-  batch = pipeline.random_batch(config, config.batch_size, np.random.default_rng(0))
-  batch_shardings = sharding.batch_sharding(mesh, batch)
-  step = make_train_step(model, tx, schedule, config, state_shardings, batch_shardings)
-  state = init(jax.random.key(0))
-  batch = jax.device_put(batch, batch_shardings)
+  setup = build_train_setup(config, mesh)  # the trainer's own step, built the trainer's way
+  state = setup.init(jax.random.key(0))
+  batch = jax.device_put(pipeline.random_batch(config, config.batch_size, np.random.default_rng(0)),
+                         setup.batch_shardings)
   t = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = setup.train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
   state, metrics = compiled(state, batch)  # warm-up
   jax.block_until_ready(metrics)
