@@ -1,5 +1,6 @@
 """Reading the raw layout (docs/data.md): a JSONL manifest, one product per line, media paths
-relative to the manifest.
+relative to the manifest. Ids and labels are kept as text (an integer as its digits): the build
+maps them to dense integers.
 
 Nothing in a catalogue of millions is clean. Every problem is reported to a `Problems` tally by
 kind: a product keeps its other modalities with the broken one marked absent, a broken line is
@@ -21,7 +22,8 @@ FEATURE_FIELDS = {m: f'{m}_features' for m in MEDIA}
 
 # Every kind of bad input, in the order the summary lists them.
 PROBLEM_KINDS = (
-    'broken line',  # not JSON, not an object, or no item_id / label: the line is skipped
+    'broken line',  # not JSON, not an object, no item_id / label, or an id that is neither
+                    # text nor an integer: the line is skipped
     'duplicate item_id',  # a later line repeating an earlier id: skipped
     'undecodable text',  # caption or table not valid UTF-8 text: that modality absent
     'malformed table',  # neither `k#:#v#;#...` nor [[k, v], ...]: table absent
@@ -101,6 +103,25 @@ def _is_text(s: str) -> bool:
     return False
 
 
+def manifest_path(raw: str) -> str:
+  """The manifest of a raw layout given as its directory (holding manifest.jsonl) or as the
+  manifest file itself."""
+  return os.path.join(raw, 'manifest.jsonl') if os.path.isdir(raw) else raw
+
+
+def id_text(value) -> str | None:
+  """An item id, instance id or label as text: a string as it is, an integer as its digits (also
+  an integral float, as pandas writes an integer column with gaps); None when absent or ''.
+  Raises ValueError for any other JSON value."""
+  if value is None or value == '':
+    return None
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  if isinstance(value, bool) or not isinstance(value, (str, int)):
+    raise ValueError(f'{value!r} is neither text nor an integer')
+  return str(value)
+
+
 def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dict | None:
   """One manifest line -> a product dict (absolute paths; broken modalities set to None), or
   None for a line that has to be skipped."""
@@ -115,23 +136,22 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
   if not isinstance(record, dict):
     problems.add('broken line', where, f'a JSON {type(record).__name__}, not an object')
     return None
-  for field in ('item_id', 'label'):
-    if record.get(field) is None:
+  ids = {}
+  for field in ('item_id', 'label', 'instance_id'):
+    try:
+      ids[field] = id_text(record.get(field))
+    except ValueError as e:
+      problems.add('broken line', where, f'{field} {e}')
+      return None
+    if ids[field] is None and field != 'instance_id':
       problems.add('broken line', where, f'required field "{field}" is missing')
       return None
-  item_id = str(record['item_id'])
-  if not _is_text(item_id):
-    problems.add('broken line', where, 'item_id is not valid UTF-8')
-    return None
-  try:
-    label, instance_id = int(record['label']), int(record.get('instance_id', -1))
-  except (TypeError, ValueError):
-    problems.add('broken line', where,
-                 f'label {record["label"]!r} or instance_id is not an integer')
-    return None
+    if ids[field] is not None and not _is_text(ids[field]):
+      problems.add('broken line', where, f'{field} is not valid UTF-8')
+      return None
 
-  product = {'item_id': item_id, 'label': label, 'instance_id': instance_id, 'where': where,
-             'audio_in_video': False}
+  # instance_id None: the product is its own instance.
+  product = dict(ids, where=where, audio_in_video=False)
   caption = record.get('caption') or ''
   if not isinstance(caption, str) or not _is_text(caption):
     problems.add('undecodable text', where, 'caption is not valid UTF-8 text')
@@ -163,7 +183,8 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
 
 
 def read_manifest(path: str, problems: Problems | None = None) -> list[dict]:
-  """Parses the manifest; returns one dict per usable product, media paths made absolute.
+  """Parses the manifest; returns one dict per usable product, media paths made absolute and
+  item_id, label and instance_id as text (instance_id None where the line has none).
 
   Problems go to `problems` (a strict tally if none is given, so the first one raises). Raises
   RawDataError for a missing manifest or one without a single usable product.
