@@ -20,8 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import numpy as np
 
-from scale_jax import sharding
-from scale_jax.data import pipeline
+from scale_jax import modalities, sharding
 from scale_jax.model_info import load_config
 from scale_jax.train import build_train_setup, xla_flops
 
@@ -31,7 +30,7 @@ def compile_step(config):
   mesh = sharding.make_mesh(config.mesh)
   setup = build_train_setup(config, mesh)  # the trainer's own step, built the trainer's way
   state = setup.init(jax.random.key(0))
-  batch = jax.device_put(pipeline.random_batch(config, config.batch_size, np.random.default_rng(0)),
+  batch = jax.device_put(modalities.random_batch(config, config.batch_size, np.random.default_rng(0)),
                          setup.batch_shardings)
   t = time.perf_counter()
   compiled = setup.train_step.lower(state, batch).compile()

@@ -5,7 +5,7 @@ r"""The README demo: a small SCALE pretrained on the synthetic catalogue on the 
     python -m scale_jax.data.synthetic --out demo_out/raw --num-products 3000 --seed 0
     python -m scale_jax.data.build --raw demo_out/raw --out demo_out/data
     python -m scale_jax.train --config configs/demo.py --workdir demo_out/run
-    python -m scale_jax.evaluate --config configs/demo.py --workdir demo_out/run
+    python -m scale_jax.evaluate --workdir demo_out/run
 
 About 4 minutes of training on 2 CPU cores; pretrained features beat the same model at random
 initialisation on retrieval mAP and linear-probe accuracy (docs/benchmarks.md has the figures).
@@ -47,14 +47,19 @@ def get_config():
 
   # Per-modality preprocessing. Paper sizes: text 36 tokens, table 64, image 36 regions, video 12
   # frames at 1 fps, audio 12 s at 16 kHz with n_fft 1024 / hop 256 / 80 mel bands.
+  # A modality whose masked objective is off (its config.loss coefficient or mask_rate 0) is seen
+  # clean: neither masked nor corrupted.
   c.text = dict(max_len=16, mask_rate=0.15)
-  c.table = dict(max_len=32, mask_rate=0.15)
+  # mask_unit: 'entity' masks whole keys or values (the paper's MEM), 'token' word pieces (MLM's).
+  c.table = dict(max_len=32, mask_rate=0.15, mask_unit='entity')
   # source='features' reads the product's pre-extracted `{m}_features` array (docs/data.md)
   # instead of decoding media: its first feature_tokens rows of feature_dim values each.
   features = dict(source='media', feature_tokens=0, feature_dim=0)
   c.image = dict(size=32, patch=8, mask_rate=0.15, **features)
   c.video = dict(num_frames=4, frame_size=12, fps=1.0, mask_rate=0.15, **features)
-  c.audio = dict(sample_rate=16000, seconds=2.0, n_fft=512, hop=256, n_mels=32, frames=112,
+  # Audio: the spectrogram frames of `seconds` (124 here), down to a multiple of patch_time (112),
+  # in patch_time x patch_freq patches (7 x 2 = 14 tokens). Padding of a shorter clip is invalid.
+  c.audio = dict(sample_rate=16000, seconds=2.0, n_fft=512, hop=256, n_mels=32,
                  patch_time=16, patch_freq=16, mask_rate=0.15, **features)
 
   c.modalities = ('text', 'table', 'image', 'video', 'audio')  # any subset, e.g. ('text', 'image')

@@ -27,10 +27,9 @@ def get_config():
   c.table.max_len = 64
   c.image.update(size=192, patch=32)  # 6 x 6 = 36 patches (the paper's 36 regions)
   c.video.update(num_frames=12, frame_size=16, fps=1.0)  # 12 frames at 1 fps
-  # 12 s at 16 kHz, n_fft 1024, hop 256, 80 mel bands: 668 frames, the first 660 cut into
-  # 10 x 8 patches of 66 frames x 10 bands: 80 audio tokens.
-  c.audio.update(seconds=12.0, n_fft=1024, hop=256, n_mels=80, frames=660, patch_time=66,
-                 patch_freq=10)
+  # 12 s at 16 kHz, n_fft 1024, hop 256, 80 mel bands: 747 frames (no centring), the first 740
+  # cut into 10 x 8 patches of 74 frames x 10 bands: 80 audio tokens.
+  c.audio.update(seconds=12.0, n_fft=1024, hop=256, n_mels=80, patch_time=74, patch_freq=10)
   c.model.update(vocab_size=32000, width=768, heads=12, mlp_dim=3072, encoder_layers=6,
                  joint_layers=6, embed_dim=256, dtype='bfloat16')
   c.optimizer.update(lr=1e-4, warmup_steps=50_000, decay='linear', weight_decay=0.01)

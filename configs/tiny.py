@@ -13,7 +13,7 @@ def get_config():
   c.table.max_len = 16
   c.image.update(size=16, patch=8)
   c.video.update(num_frames=2, frame_size=4)
-  c.audio.update(seconds=0.5, frames=24, n_mels=16, patch_time=8, patch_freq=8)
+  c.audio.update(seconds=0.5, n_mels=16, patch_time=8, patch_freq=8)  # 30 frames -> 24 used
   c.model.update(vocab_size=512, width=32, heads=2, mlp_dim=64, encoder_layers=1, joint_layers=1,
                  embed_dim=16)
   c.optimizer.warmup_steps = 2

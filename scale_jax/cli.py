@@ -1,5 +1,6 @@
 """The command line shared by `python -m scale_jax.train` and `python -m scale_jax.evaluate`:
---config FILE (with --config.x=y overrides), --workdir DIR, and the multi-process flags.
+--config FILE (with --config.x=y overrides), --workdir DIR, and the multi-process flags. Without
+--config, the run's own RUN/config.json is read (scale_jax/run_config.py), overrides included.
 
 Multi-process runs call jax.distributed.initialize before anything touches a device, with
   --distributed: JAX finds the coordinator itself (TPU pods, SLURM, Open MPI, Kubernetes);
@@ -12,6 +13,8 @@ import sys
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from scale_jax import config_check, run_config
 
 
 def _env_int(name):
@@ -26,11 +29,32 @@ def distributed_args(distributed: bool, coordinator_address, num_processes, proc
               process_id=process_id)
 
 
+def _flag_value(argv, name):
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def with_saved_config(argv):
+  """argv, plus `--config=<run_config.py>:RUN` when it names no --config and RUN/config.json
+  exists, so that the run's own config is loaded (and --config.x=y overrides apply to it)."""
+  if _flag_value(argv, 'config') is not None:
+    return argv
+  workdir = _flag_value(argv, 'workdir')
+  if workdir and os.path.isfile(run_config.path(workdir)):
+    return argv[:1] + [f'--config={run_config.__file__}:{workdir}'] + argv[1:]
+  return argv
+
+
 def run(fn):
   """Parses the flags and calls fn(config, workdir)."""
-  config_flags.DEFINE_config_file('config', None, 'config file (configs/*.py)', lock_config=True)
+  config_flags.DEFINE_config_file('config', None, 'config file (configs/*.py); default: the '
+                                  'run\'s own WORKDIR/config.json', lock_config=True)
   flags.DEFINE_string('workdir', None, 'run directory: checkpoints, metrics, results')
-  flags.mark_flags_as_required(['config', 'workdir'])
+  flags.mark_flags_as_required(['workdir'])
   flags.DEFINE_bool('distributed', False,
                     'call jax.distributed.initialize() first: on TPU pods and SLURM/Kubernetes '
                     'GPU clusters it finds the coordinator itself; elsewhere give the three below')
@@ -47,6 +71,9 @@ def run(fn):
     if not flags.FLAGS['verbosity'].present:  # Orbax logs every checkpoint step at INFO
       logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
+    if f.config is None:
+      raise app.UsageError(f'give --config FILE: {run_config.path(f.workdir)} does not exist '
+                           f'(it is written when a run starts)')
     args = distributed_args(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
     if args is not None:
       # CPU processes need gloo for cross-process collectives; other platforms ignore this.
@@ -54,8 +81,8 @@ def run(fn):
       jax.distributed.initialize(**args)
     try:
       fn(f.config, f.workdir)
-    except FloatingPointError as e:  # a non-finite loss: the message says where, no traceback
+    except (FloatingPointError, config_check.ConfigError) as e:  # the message says it all
       print(f'error: {e}', file=sys.stderr, flush=True)
       sys.exit(1)
 
-  app.run(main)
+  app.run(main, argv=with_saved_config(sys.argv))

@@ -1,6 +1,8 @@
 r"""Evaluates pretrained product features against the same model at random initialisation.
 
-    python -m scale_jax.evaluate --config configs/demo.py --workdir DIR [--config.x=y ...]
+    python -m scale_jax.evaluate --workdir DIR [--config.x=y ...]
+
+The run's own config (DIR/config.json, written by the trainer) unless --config FILE is given.
 
 Product feature: the mean of the L2-normalised fused vectors (joint co-transformer output at each
 modality's global token) over the modalities the product has. Reports, on the test split:
@@ -20,7 +22,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from scale_jax import cli, losses, sharding
+from scale_jax import cli, config_check, losses, modalities, sharding
 from scale_jax import train as trainer  # (train imports this module too: attributes used late)
 from scale_jax.data import pipeline
 
@@ -36,7 +38,7 @@ def make_product_features(model, config, mesh):
   of which each device keeps its rows; the features are gathered back to every process, so all
   processes run the same computations (multi-host safe).
   """
-  shardings = sharding.batch_sharding(mesh, pipeline.dummy_batch(config, 1, train=False))
+  shardings = sharding.batch_sharding(mesh, modalities.dummy_batch(config, 1, train=False))
 
   @jax.jit
   def features(params, batch):
@@ -116,6 +118,7 @@ def make_evaluator(model, config, mesh):
 
 def evaluate(config, workdir) -> dict:
   mesh = sharding.make_mesh(config.mesh)
+  config_check.check(config, mesh)
   model = trainer.build_model(config)
   tx, _ = trainer.make_optimizer(config)
   init, shardings = trainer.sharded_state_init(model, tx, config, mesh)
@@ -125,6 +128,7 @@ def evaluate(config, workdir) -> dict:
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {manager.directory}; train first with '
                             f'`python -m scale_jax.train --config ... --workdir {workdir}`')
+  trainer.check_checkpoint_matches(workdir, step, random_state.params, config)
   trained = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(trainer.abstract_like(random_state, shardings)))).state
   manager.close()

@@ -1,15 +1,12 @@
 """The SCALE objective: self-harmonized weights, contrastive terms over all modality pairs, and the
-five masked objectives (../shared/spec/scale-method.md, sections Self-harmonized weighting and
-Objectives). Weights multiply per-product losses, not logits."""
+five masked objectives (docs/method.md). Weights multiply per-product losses, not logits."""
 import itertools
 
 import jax
 import jax.numpy as jnp
 
-from scale_jax import active_modalities
+from scale_jax import modalities
 
-# The masked objective of each modality, named as in the paper.
-MASKED_OBJECTIVES = {'text': 'mlm', 'table': 'mem', 'image': 'mrm', 'video': 'mfp', 'audio': 'mam'}
 WEIGHTINGS = ('harmonized', 'learned', 'uniform', 'none')
 # Stands in for -inf in masked logits: -inf makes fully masked rows NaN, and NaN gradients survive
 # a later jnp.where.
@@ -21,15 +18,16 @@ def l2_normalize(x, axis=-1):
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-12))
 
 
-def harmonized_weights(v, present, mode='harmonized', learned_logits=None):
+def harmonized_weights(v, present, mode='harmonized', log_variances=None):
   """Per-product weight matrices G [B, M, M] from modality vectors v [B, M, D].
 
   'harmonized': the spec's R = C * softmax(C) over present modalities, rows L2-normalised, with
   one change: C is the cosine similarity rescaled to [0, 1], (1 + cos) / 2. With raw cosines a
   pair pointing apart gets a negative weight, which turns its loss into one to maximise.
-  'learned': R = softmax of a learned score matrix [M, M] over present modalities, rows
-  L2-normalised (the paper's text). 'uniform': every present pair alike, rows L2-normalised (the
-  ablation). 'none': weight 1 for every present pair (plain multi-pair contrastive, as CLIP).
+  'learned': G = exp(-s) for a learned matrix s [M, M], one entry per term, the same for every
+  product; trained with the regulariser of learned_weight_regularizer (uncertainty weighting,
+  docs/method.md). 'uniform': every present pair alike, rows L2-normalised (the ablation).
+  'none': weight 1 for every present pair (plain multi-pair contrastive, as CLIP).
   Rows and columns of absent modalities are zero in every mode.
   """
   pair_present = present[:, :, None] & present[:, None, :]
@@ -38,14 +36,28 @@ def harmonized_weights(v, present, mode='harmonized', learned_logits=None):
     c = 0.5 * (1.0 + jnp.einsum('bid,bjd->bij', v, v))
     r = c * jax.nn.softmax(jnp.where(pair_present, c, NEG), axis=-1)
   elif mode == 'learned':
-    logits = jnp.broadcast_to(learned_logits, pair_present.shape)
-    r = jax.nn.softmax(jnp.where(pair_present, logits, NEG), axis=-1)
+    r = jnp.broadcast_to(jnp.exp(-log_variances), pair_present.shape)
   elif mode in ('uniform', 'none'):
     r = jnp.ones(pair_present.shape, v.dtype)
   else:
     raise ValueError(f'weighting must be one of {WEIGHTINGS}, not {mode!r}')
   r = jnp.where(pair_present, r, 0.0)
-  return r if mode == 'none' else l2_normalize(r)
+  return r if mode in ('none', 'learned') else l2_normalize(r)
+
+
+def learned_weight_regularizer(log_variances, config):
+  """What keeps 'learned' weights from collapsing: + s for every term weighted by exp(-s), with
+  the term's coefficient (Kendall, Gal and Cipolla 2018). Minimising exp(-s) L + s over s gives
+  exp(-s) = 1 / L: every term keeps a finite, positive weight. Minimising the weighted loss
+  alone would drive every weight to its bound (a softmax score matrix puts all of a row's weight
+  on its easiest term). A contrastive pair's two directions each take half of s_ij + s_ji."""
+  names, s = modalities.active(config), log_variances
+  pairs = sum(0.5 * (s[i, j] + s[j, i]) for i, j in itertools.combinations(range(len(names)), 2))
+  total = config.loss.contrastive * pairs
+  for k in modalities.masked(config):
+    i = names.index(k)
+    total += config.loss[modalities.get(k).objective] * s[i, i]
+  return total
 
 
 def _mean_over(x, valid, count=None):
@@ -105,9 +117,10 @@ def masked_product_counts(batch, config) -> dict:
   """Per masked objective, the number of products it averages over (modality present, at least
   one position masked). Gradient accumulation passes the whole batch's counts to
   scale_objective, so that each microbatch's masked losses add up to the whole batch's."""
-  present, modalities = batch['present'], active_modalities(config)
-  return {MASKED_OBJECTIVES[k]: jnp.sum(jnp.any(batch[f'{k}_masked'] & present[:, i, None], -1))
-          for i, k in enumerate(modalities) if f'{k}_masked' in batch}
+  present, names = batch['present'], modalities.active(config)
+  return {modalities.get(k).objective: jnp.sum(jnp.any(batch[f'{k}_masked'] & present[:, i, None],
+                                                       -1))
+          for i, k in enumerate(names) if f'{k}_masked' in batch}
 
 
 def weight_matrix(outputs, present, config):
@@ -115,7 +128,7 @@ def weight_matrix(outputs, present, config):
   from the pre-fusion vectors z, diagonal (masked objectives) from the fused ones."""
   m = config.model
   stop = jax.lax.stop_gradient if m.stop_gradient_weights else (lambda x: x)
-  learned = outputs.get('weight_logits')  # a parameter, trained whatever stop_gradient says
+  learned = outputs.get('log_variances')  # a parameter, trained whatever stop_gradient says
   pair_w = harmonized_weights(stop(outputs['z']), present, m.weighting, learned)
   self_w = harmonized_weights(stop(outputs['fused']), present, m.weighting, learned)
   return jnp.where(jnp.eye(pair_w.shape[-1], dtype=bool), self_w, pair_w)
@@ -128,29 +141,32 @@ def scale_objective(outputs, batch, config, masked_counts=None):
   batch's own count (see masked_product_counts).
   """
   present, coef, m = batch['present'], config.loss, config.model
-  modalities = active_modalities(config)
+  names = modalities.active(config)
   if m.contrastive not in ('infonce', 'nt_xent'):
     raise ValueError(f"model.contrastive must be 'infonce' or 'nt_xent', not {m.contrastive!r}")
   weights = weight_matrix(outputs, present, config)  # [B, M, M]
   self_w = jnp.diagonal(weights, axis1=1, axis2=2)
   terms = {}
   z, t = outputs['z'], outputs['temperature']
-  for i, j in itertools.combinations(range(len(modalities)), 2):
-    terms[f'contrastive/{modalities[i]}-{modalities[j]}'] = info_nce(
+  for i, j in itertools.combinations(range(len(names)), 2):
+    terms[f'contrastive/{names[i]}-{names[j]}'] = info_nce(
         z[:, i], z[:, j], present[:, i], present[:, j], weights[:, i, j], weights[:, j, i], t,
         same_modality=m.contrastive == 'nt_xent')
   contrastive = sum(terms.values())
   total = coef.contrastive * contrastive
   terms['contrastive'] = contrastive
   for k, pred in outputs['predictions'].items():
-    i = modalities.index(k)
+    i, spec = names.index(k), modalities.get(k)
     masked = batch[f'{k}_masked'] & present[:, i, None]
-    count = None if masked_counts is None else masked_counts[MASKED_OBJECTIVES[k]]
-    if f'{k}_target' in batch:
+    count = None if masked_counts is None else masked_counts[spec.objective]
+    if spec.discrete:
       loss = token_loss(pred, batch[f'{k}_target'], masked, self_w[:, i], count)
     else:
       loss = regression_loss(pred, batch[f'{k}_input'], masked, self_w[:, i], count)
-    terms[MASKED_OBJECTIVES[k]] = loss
-    total += coef[MASKED_OBJECTIVES[k]] * loss
+    terms[spec.objective] = loss
+    total += coef[spec.objective] * loss
+  if 'log_variances' in outputs:  # a parameter: the same in every microbatch (train.py)
+    terms['weight_regularizer'] = learned_weight_regularizer(outputs['log_variances'], config)
+    total += terms['weight_regularizer']
   terms['loss'] = total
   return total, terms

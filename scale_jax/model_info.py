@@ -9,8 +9,8 @@ normalisation, activations, optimizer):
   per modality: its encoder layers over its T_m tokens; patch embedding 2(T_m - 1) P_m D;
       contrastive projection 2 D E
   joint co-transformer: its layers over T = sum of T_m
-  masked heads (modalities with a non-zero coefficient): text/table 2 T_m D^2 + 2 T_m D V;
-      image/video/audio 2 (T_m - 1) D P_m
+  masked heads (modalities.masked(config): objective on): token modalities 2 T_m D^2 + 2 T_m D V;
+      patch modalities 2 (T_m - 1) D P_m  (each modality's head_flops)
   contrastive logits: 2 B E per modality pair (each example's row of the B x B matrix)
   training = 3 x forward (the backward pass costs about twice the forward).
 This is the count MFU is computed from (docs/benchmarks.md); XLA's own count of the compiled step
@@ -23,10 +23,7 @@ import itertools
 import jax
 import numpy as np
 
-from scale_jax import active_modalities
-from scale_jax.data import pipeline
-from scale_jax.data.pipeline import TOKEN_MODALITIES
-from scale_jax.model.scale import predicted_modalities
+from scale_jax import modalities
 
 
 def layer_flops(tokens, width, mlp):
@@ -35,20 +32,17 @@ def layer_flops(tokens, width, mlp):
 
 def flops_per_example(config) -> dict:
   """Forward FLOPs per example by part, and 'train' = 3 x their sum."""
-  m, modalities = config.model, active_modalities(config)
-  counts, dims = pipeline.token_counts(config), pipeline.patch_dims(config)
+  m, names = config.model, modalities.active(config)
+  counts = modalities.token_counts(config)
   d, f = m.width, m.mlp_dim
   parts = {}
-  for k in modalities:
-    t = counts[k]
-    parts[k] = m.encoder_layers * layer_flops(t, d, f) + 2 * d * m.embed_dim
-    if k in dims:
-      parts[k] += 2 * (t - 1) * dims[k] * d
+  for k in names:
+    parts[k] = (m.encoder_layers * layer_flops(counts[k], d, f) + 2 * d * m.embed_dim
+                + modalities.get(k).embed_flops(config[k], d))
   parts['joint'] = m.joint_layers * layer_flops(sum(counts.values()), d, f)
-  parts['heads'] = sum(2 * counts[k] * d * d + 2 * counts[k] * d * m.vocab_size
-                       if k in TOKEN_MODALITIES else 2 * (counts[k] - 1) * d * dims[k]
-                       for k in predicted_modalities(config))
-  pairs = len(list(itertools.combinations(modalities, 2)))
+  parts['heads'] = sum(modalities.get(k).head_flops(config[k], d, m.vocab_size)
+                       for k in modalities.masked(config))
+  pairs = len(list(itertools.combinations(names, 2)))
   parts['contrastive'] = pairs * 2 * config.batch_size * m.embed_dim
   parts['train'] = 3 * sum(parts.values())
   return parts
@@ -58,7 +52,7 @@ def parameter_counts(config) -> dict:
   """Parameters by top-level part of the model (shapes only: nothing is allocated)."""
   from scale_jax.train import build_model  # pylint: disable=g-import-not-at-top
   model = build_model(config)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), pipeline.dummy_batch(config, 2))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), modalities.dummy_batch(config, 2))
   counts = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes['params'])[0]:
     name = path[0].key
@@ -79,8 +73,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   config = load_config(args.config)
   params = parameter_counts(config)
-  print(f'{args.config}: modalities {", ".join(active_modalities(config))}; '
-        f'tokens {pipeline.token_counts(config)}')
+  print(f'{args.config}: modalities {", ".join(modalities.active(config))}; '
+        f'tokens {modalities.token_counts(config)}')
   print(f'\n{"parameters":<28}{"count":>14}')
   for name, n in sorted(params.items()):
     print(f'{name:<28}{n:>14,}')

@@ -36,7 +36,8 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from ml_collections import FrozenConfigDict
 
-from scale_jax import active_modalities, cli, evaluate, losses, model_info, sharding
+from scale_jax import (cli, config_check, evaluate, losses, modalities, model_info, run_config,
+                       sharding)
 from scale_jax.data import pipeline
 from scale_jax.model.scale import Scale
 
@@ -119,7 +120,7 @@ def sharded_state_init(model, tx, config, mesh):
 
   Shapes come from jax.eval_shape, so no full copy of the model ever lands on one device.
   """
-  batch = pipeline.dummy_batch(config, 2)
+  batch = modalities.dummy_batch(config, 2)
 
   def init_boxed(rng):  # parameters carry their logical axis names (nn.Partitioned boxes)
     params = model.init(rng, batch)['params']
@@ -140,7 +141,7 @@ def weight_means(outputs, present, config) -> dict:
   g = losses.weight_matrix(outputs, present, config)
   both = present[:, :, None] & present[:, None, :]
   mean = jnp.sum(jnp.where(both, g, 0.0), 0) / jnp.maximum(jnp.sum(both, 0), 1)
-  names = active_modalities(config)
+  names = modalities.active(config)
   return {f'weights/{a}-{b}': mean[i, j] for i, a in enumerate(names) for j, b in enumerate(names)}
 
 
@@ -157,7 +158,7 @@ def unmicrobatched(x):
 
 
 # Model outputs that are parameters (or constants), the same for every microbatch.
-PARAMETER_OUTPUTS = ('temperature', 'weight_logits')
+PARAMETER_OUTPUTS = ('temperature', 'log_variances')
 
 
 def metrics_and_grads(model, params, batch, config, rng, mesh, param_shardings=None):
@@ -212,7 +213,7 @@ def metrics_and_grads(model, params, batch, config, rng, mesh, param_shardings=N
     def surrogate(p):
       out = apply(p, b, jax.random.fold_in(rng, j))
       _, terms = losses.scale_objective(out, b, config, masked_counts=counts)
-      masked = {n: terms[n] for n in (losses.MASKED_OBJECTIVES[m] for m in out['predictions'])}
+      masked = {n: terms[n] for n in (modalities.get(m).objective for m in out['predictions'])}
       value = jnp.vdot(z_cot, out['z']) + sum(config.loss[n] * v for n, v in masked.items())
       # Parameters read directly take their cotangent once, not once per microbatch.
       value += jnp.where(j == 0, sum(jnp.vdot(c, out[n]) for n, c in shared_cot.items()), 0.0)
@@ -280,19 +281,16 @@ class TrainSetup(NamedTuple):
 
 
 def build_train_setup(config, mesh) -> TrainSetup:
-  k, shards = config.microbatches, mesh.shape['data'] * mesh.shape['fsdp']
-  if config.batch_size % (k * shards):
-    raise ValueError(f'batch_size {config.batch_size} must split into {k} microbatches, each '
-                     f'over the {shards} devices of mesh axes data x fsdp')
+  config_check.check(config, mesh)  # before anything is traced: every problem, named
   model = build_model(config)
   tx, schedule = make_optimizer(config)
   init, state_shardings = sharded_state_init(model, tx, config, mesh)
-  batch_shardings = sharding.batch_sharding(mesh, pipeline.dummy_batch(config, 1))
+  batch_shardings = sharding.batch_sharding(mesh, modalities.dummy_batch(config, 1))
   step = make_train_step(model, tx, schedule, config, state_shardings, batch_shardings)
   abstract_state = abstract_like(jax.eval_shape(init, jax.random.key(0)), state_shardings)
   abstract_batch = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct((config.batch_size,) + x.shape[1:], x.dtype, sharding=s),
-      pipeline.dummy_batch(config, 1), batch_shardings)
+      modalities.dummy_batch(config, 1), batch_shardings)
   return TrainSetup(model, tx, schedule, init, state_shardings, batch_shardings, step,
                     abstract_state, abstract_batch)
 
@@ -349,18 +347,61 @@ def abstract_like(state, shardings):
                       state, shardings)
 
 
-def load_init_from(params, shardings, init_from):
+def _flat_params(tree) -> dict:
+  return {param_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _read_only_manager(workdir):
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return ocp.CheckpointManager(directory, item_handlers={'state': ocp.PyTreeCheckpointHandler()},
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def _config_hint(workdir, config) -> str:
+  """What differs between the config saved in `workdir` and this one, for error messages."""
+  try:
+    changed = run_config.differences(run_config.load(workdir), config)
+  except FileNotFoundError:
+    return f' ({run_config.path(workdir)} is missing: compare the configs by hand)'
+  if not changed:
+    return ''
+  return (f'. Fields that differ from {run_config.path(workdir)} (saved -> here):\n  '
+          + '\n  '.join(changed))
+
+
+def check_checkpoint_matches(workdir, step, params, config):
+  """Raises ValueError if the parameters saved at `step` in `workdir` are not those of this
+  config's model (a tree-structure mismatch inside Orbax names neither the cause nor the fix)."""
+  source = _read_only_manager(workdir)
+  saved = {n: tuple(x.shape) for n, x in _flat_params(
+      source.item_metadata(step)['state']['params']).items()}
+  source.close()
+  ours = {n: tuple(x.shape) for n, x in _flat_params(params).items()}
+  if saved == ours:
+    return
+  def where(n):
+    if n not in ours:
+      return f'{n}: only in the checkpoint'
+    return f'{n}: only here' if n not in saved else f'{n}: {saved[n]} saved, {ours[n]} here'
+  diff = sorted(n for n in set(saved) | set(ours) if saved.get(n) != ours.get(n))
+  shown = ', '.join(where(n) for n in diff[:4])
+  raise ValueError(
+      f'the checkpoint at step {step} in {workdir} holds another model than this config builds: '
+      f'{len(diff)} parameter arrays differ ({shown}{", ..." if len(diff) > 4 else ""})'
+      f'{_config_hint(workdir, config)}\nUse the run\'s own config: leave out --config (it '
+      f'is read from {run_config.path(workdir)}) or repeat the overrides it was trained with.')
+
+
+def load_init_from(params, shardings, init_from, config):
   """params with those whose name `init_from.include` finds copied from the latest checkpoint of
   run `init_from.workdir`, onto this run's shardings. Returns (params, its step, copied names)."""
-  directory = os.path.join(os.path.abspath(init_from.workdir), 'checkpoints')
-  source = ocp.CheckpointManager(directory, item_handlers={'state': ocp.PyTreeCheckpointHandler()},
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
+  source = _read_only_manager(init_from.workdir)
+  directory = source.directory
   step = source.latest_step()
   if step is None:
     raise FileNotFoundError(f'config.init_from.workdir: no checkpoint in {directory}')
-  flat = lambda tree: {param_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  saved = flat(source.item_metadata(step)['state']['params'])
-  ours, our_shardings = flat(params), flat(shardings)
+  saved = _flat_params(source.item_metadata(step)['state']['params'])
+  ours, our_shardings = _flat_params(params), _flat_params(shardings)
   names = [n for n in ours if re.search(init_from.include, n) and n in saved]
   if not names:
     raise ValueError(f'config.init_from.include={init_from.include!r} selects no parameter that '
@@ -368,7 +409,7 @@ def load_init_from(params, shardings, init_from):
   for n in names:
     if tuple(saved[n].shape) != ours[n].shape:
       raise ValueError(f'init_from: {n} has shape {tuple(saved[n].shape)} in {directory}, '
-                       f'{ours[n].shape} here')
+                       f'{ours[n].shape} here{_config_hint(init_from.workdir, config)}')
   nest = lambda d: flax.traverse_util.unflatten_dict({tuple(n.split('/')): v for n, v in d.items()})
   target = {'params': nest({n: jax.ShapeDtypeStruct(ours[n].shape, ours[n].dtype,
                                                     sharding=our_shardings[n]) for n in names})}
@@ -376,7 +417,7 @@ def load_init_from(params, shardings, init_from):
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True))).state
   source.close()
-  copied = flat(restored['params'])
+  copied = _flat_params(restored['params'])
   return nest({n: copied.get(n, x) for n, x in ours.items()}), step, names
 
 
@@ -451,25 +492,25 @@ def train(config, workdir):
   # Setup.
   os.makedirs(workdir, exist_ok=True)
   log = print if jax.process_index() == 0 else (lambda *a, **k: None)
-  data_vocab = pipeline.vocab_size(config.data.dir)
-  if data_vocab > config.model.vocab_size:
-    raise ValueError(f'the tokenizer in {config.data.dir} has {data_vocab} tokens but '
-                     f'config.model.vocab_size is {config.model.vocab_size}; raise it with '
-                     f'--config.model.vocab_size={data_vocab}')
 
   # ----------------------------------------------------------------------------------------------
   # Device mesh: parameters and batches are placed through logical-axis rules (sharding.py).
   mesh = sharding.make_mesh(config.mesh)
 
   # ----------------------------------------------------------------------------------------------
+  # Model, optimizer, sharded initialisation and the train step, built as scale_jax.aot builds
+  # them (the config checked first; shapes from jax.eval_shape: nothing is allocated yet).
+  setup = build_train_setup(config, mesh)
+  data_vocab = pipeline.vocab_size(config.data.dir)
+  if data_vocab > config.model.vocab_size:
+    raise config_check.ConfigError(
+        f'the tokenizer in {config.data.dir} has {data_vocab} tokens but config.model.vocab_size '
+        f'is {config.model.vocab_size}; raise it with --config.model.vocab_size={data_vocab}')
+
+  # ----------------------------------------------------------------------------------------------
   # Input pipeline: this process's share of every global batch, assembled into global arrays.
   dataset = pipeline.train_dataset(config, jax.process_index(), jax.process_count())
   data_iter = iter(dataset)
-
-  # ----------------------------------------------------------------------------------------------
-  # Model, optimizer, sharded initialisation and the train step, built as scale_jax.aot builds
-  # them (shapes from jax.eval_shape: nothing is allocated yet).
-  setup = build_train_setup(config, mesh)
 
   def to_global(local_batch):
     return jax.tree.map(jax.make_array_from_process_local_data, setup.batch_shardings,
@@ -477,9 +518,15 @@ def train(config, workdir):
 
   # ----------------------------------------------------------------------------------------------
   # Where the run starts: resume > init_from > scratch (module docstring). A resumed state is
-  # restored straight onto this mesh's shardings, never initialised first.
+  # restored straight onto this mesh's shardings, never initialised first. The run's config is
+  # written to RUN/config.json once the checkpoint is known to fit it.
   manager = checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
+    check_checkpoint_matches(workdir, manager.latest_step(), setup.abstract_state.params, config)
+    if os.path.isfile(run_config.path(workdir)) and jax.process_index() == 0:
+      changed = run_config.differences(run_config.load(workdir), config)
+      if changed:
+        log('resuming with config changes (saved -> now): ' + '; '.join(changed))
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(setup.abstract_state),
         data=grain.checkpoint.CheckpointRestore(data_iter)))
@@ -489,7 +536,7 @@ def train(config, workdir):
     state = setup.init(jax.random.key(config.seed))
     if config.init_from.workdir:
       params, source_step, names = load_init_from(state.params, setup.state_shardings.params,
-                                                  config.init_from)
+                                                  config.init_from, config)
       state = state.replace(params=params)
       towers = sorted({n.split('/')[0] for n in names})
       log(f'initialised {len(names)} of {len(jax.tree.leaves(params))} parameter arrays '
@@ -497,6 +544,8 @@ def train(config, workdir):
           f'rest and the optimizer state start fresh (seed {config.seed})')
     else:
       log(f'starting from scratch (seed {config.seed})')
+  if jax.process_index() == 0:
+    run_config.save(config, workdir)
   first_step = int(state.step)
   if first_step >= config.total_steps:
     manager.close()

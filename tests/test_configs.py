@@ -2,8 +2,7 @@
 import jax
 import pytest
 
-from scale_jax import active_modalities, losses, model_info, sharding
-from scale_jax.data import pipeline
+from scale_jax import losses, modalities, model_info, sharding
 from scale_jax.train import (build_model, make_optimizer, make_train_step, sharded_state_init,
                              xla_flops)
 
@@ -18,7 +17,7 @@ def _config(name):
 def test_config_shapes_under_eval_shape(name):
   config = _config(name)
   model = build_model(config)
-  batch = pipeline.dummy_batch(config, 2)
+  batch = modalities.dummy_batch(config, 2)
   variables = jax.eval_shape(model.init, jax.random.key(0), batch)
 
   def loss(variables):
@@ -27,14 +26,14 @@ def test_config_shapes_under_eval_shape(name):
   value, grads = jax.eval_shape(jax.value_and_grad(loss), variables)
   assert value.shape == () and jax.tree.structure(grads) == jax.tree.structure(variables)
   out = jax.eval_shape(model.apply, variables, batch)
-  n = len(active_modalities(config))
+  n = len(modalities.active(config))
   assert out['z'].shape == (2, n, config.model.embed_dim)
   assert out['fused'].shape == (2, n, config.model.width)
 
 
 def test_paper_config_matches_the_paper():
   config = _config('paper')
-  counts = pipeline.token_counts(config)
+  counts = modalities.token_counts(config)
   assert counts == {'text': 36, 'table': 64, 'image': 37, 'video': 13, 'audio': 81}
   assert sum(counts.values()) == 231
   m = config.model
@@ -45,11 +44,11 @@ def test_paper_config_matches_the_paper():
 
 def test_clip_peer_is_a_two_tower_clip():
   config = _config('clip_peer')
-  assert active_modalities(config) == ('text', 'image')
+  assert modalities.active(config) == ('text', 'image')
   params = model_info.parameter_counts(config)
   assert 'joint' not in params and 'token_head' not in params
   assert not any(k.startswith('patch_heads') for k in params)
-  batch = pipeline.dummy_batch(config, 2)
+  batch = modalities.dummy_batch(config, 2)
   variables = jax.eval_shape(build_model(config).init, jax.random.key(0), batch)
   out = jax.eval_shape(build_model(config).apply, variables, batch)
   _, terms = jax.eval_shape(lambda o: losses.scale_objective(o, batch, config), out)
@@ -70,7 +69,7 @@ def test_flop_formula_agrees_with_xla(config):
   mesh = sharding.make_mesh(config.mesh)
   model, (tx, schedule) = build_model(config), make_optimizer(config)
   init, state_shardings = sharded_state_init(model, tx, config, mesh)
-  batch = pipeline.dummy_batch(config, config.batch_size)
+  batch = modalities.dummy_batch(config, config.batch_size)
   batch_shardings = sharding.batch_sharding(mesh, batch)
   step = make_train_step(model, tx, schedule, config, state_shardings, batch_shardings)
   compiled = step.lower(jax.eval_shape(init, jax.random.key(0)), batch).compile()

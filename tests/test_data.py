@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from ml_collections import FrozenConfigDict
 
-from scale_jax import MODALITIES
+from scale_jax import modalities
+from scale_jax.modalities import MODALITIES
 from configs import tiny
 from scale_jax.data import build, media, pipeline, raw, synthetic, tokenizer
 from scale_jax.model.scale import Scale
@@ -232,8 +233,8 @@ def test_features_mode(raw_dir, tmp_path):
   build.build(str(root), out, vocab_size=400, progress=False)
   config = tiny_config(out)
   config.image.update(source='features', feature_tokens=4, feature_dim=24)
-  assert pipeline.token_counts(config)['image'] == 5
-  assert pipeline.patch_dims(config)['image'] == 24
+  assert modalities.token_counts(config)['image'] == 5
+  assert modalities.get('image').patch_dim(config.image) == 24
   source = pipeline.open_split(out, 'train')
   preprocess = pipeline.Preprocess(pipeline._plain(config))
   image = MODALITIES.index('image')
@@ -249,7 +250,7 @@ def test_features_mode(raw_dir, tmp_path):
       seen += 1
   assert seen > 10
   batch = next(iter(pipeline.train_dataset(config)))
-  spec = pipeline.dummy_batch(config, config.batch_size)
+  spec = modalities.dummy_batch(config, config.batch_size)
   assert {k: v.shape for k, v in batch.items()} == {k: v.shape for k, v in spec.items()}
   # The model embeds and regresses the 24-wide rows.
   model = Scale(FrozenConfigDict(config))
@@ -300,7 +301,7 @@ def test_dataset_splits_and_tokenizer(data_dir):
 
 def test_batches_have_the_documented_shapes(config):
   batch = next(iter(pipeline.train_dataset(config)))
-  spec = pipeline.dummy_batch(config, config.batch_size)
+  spec = modalities.dummy_batch(config, config.batch_size)
   assert set(batch) == set(spec)
   for k in spec:
     assert batch[k].shape == spec[k].shape and batch[k].dtype == spec[k].dtype, k
@@ -414,7 +415,7 @@ def test_mem_masks_whole_entities(config):
   source = pipeline.open_split(config.data.dir, 'train')
   pre = pipeline.Preprocess(pipeline._plain(config))
   config.table.mask_rate = 0.5
-  mask = pipeline.Mask(pipeline._plain(config), config.model.vocab_size, 0, len(source))
+  mask = pipeline.Mask(pipeline._plain(config), np.arange(5, 400), 0, len(source))
   rng = np.random.default_rng(0)
   hits = 0
   for i in range(20):

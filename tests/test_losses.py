@@ -2,8 +2,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from configs import tiny
 from scale_jax import losses
 
 
@@ -119,12 +121,41 @@ def test_nt_xent_matches_reference():
 def test_learned_and_none_weightings():
   present = jnp.array([[True, True, False, True, True]])
   v = jnp.ones((1, 5, 3))
-  logits = jnp.arange(25.0).reshape(5, 5) / 10
-  g = np.asarray(losses.harmonized_weights(v, present, 'learned', logits))[0]
+  s = jnp.arange(25.0).reshape(5, 5) / 10
+  g = np.asarray(losses.harmonized_weights(v, present, 'learned', s))[0]
   p = np.asarray(present[0])
-  expected = np.exp(np.asarray(logits)) * p[None, :]
-  expected = expected / expected.sum(-1, keepdims=True)
-  expected = expected / np.linalg.norm(expected, axis=-1, keepdims=True) * p[:, None]
-  np.testing.assert_allclose(g, expected, rtol=1e-5)
+  np.testing.assert_allclose(g, np.exp(-np.asarray(s)) * np.outer(p, p), rtol=1e-6)
   none = np.asarray(losses.harmonized_weights(v, present, 'none'))[0]
   np.testing.assert_array_equal(none, np.outer(p, p).astype(np.float32))
+
+
+def test_learned_weights_do_not_collapse():
+  """Trained on the SCALE objective, each learned weight settles at 1 / (its term's loss): no
+  term's weight goes to zero and no row's weight piles onto its easiest term."""
+  config = tiny.get_config()
+  config.modalities = ('text', 'image', 'audio')
+  config.model.weighting = 'learned'
+  config.loss.update(mlm=0.0, mrm=0.0, mam=0.0)
+  rng = np.random.default_rng(0)
+  z = losses.l2_normalize(jnp.asarray(rng.normal(size=(8, 3, 4)), jnp.float32))
+  z = z.at[:, 1].set(losses.l2_normalize(z[:, 0] + 0.3 * z[:, 1]))  # text-image: an easy pair
+  batch = {'present': jnp.ones((8, 3), bool)}
+  outputs = lambda s: {'z': z, 'fused': z, 'predictions': {}, 'temperature': 0.5,
+                       'log_variances': s}
+  loss = jax.jit(jax.value_and_grad(
+      lambda s: losses.scale_objective(outputs(s), batch, config)[0]))
+  s, tx = jnp.zeros((3, 3)), optax.adam(0.05)
+  opt = tx.init(s)
+  for _ in range(600):
+    _, grad = loss(s)
+    update, opt = tx.update(grad, opt)
+    s = optax.apply_updates(s, update)
+  ones, zeros = jnp.ones(8), jnp.zeros(8)
+  for i, j in ((0, 1), (0, 2), (1, 2)):
+    # Each direction's unweighted loss: info_nce averages the two directions, so weigh one.
+    a_to_b = 2 * losses.info_nce(z[:, i], z[:, j], ones > 0, ones > 0, ones, zeros, 0.5)
+    b_to_a = 2 * losses.info_nce(z[:, i], z[:, j], ones > 0, ones > 0, zeros, ones, 0.5)
+    np.testing.assert_allclose(np.exp(-s[i, j]), 1 / a_to_b, rtol=0.02)
+    np.testing.assert_allclose(np.exp(-s[j, i]), 1 / b_to_a, rtol=0.02)
+  weights = np.exp(-np.asarray(s))[~np.eye(3, dtype=bool)]
+  assert weights.min() > 0.2 * weights.max()  # the easy pair gets more, the others keep theirs

@@ -8,8 +8,7 @@ import pytest
 from flax import linen as nn
 
 from configs import tiny
-from scale_jax import losses
-from scale_jax.data import pipeline
+from scale_jax import losses, modalities
 from scale_jax.model.layers import bf16_operands_dot_general, dot_general_for
 from scale_jax.train import build_model
 
@@ -61,7 +60,7 @@ def test_unsupported_dimension_numbers_and_names_are_refused():
 
 def test_tiny_scale_objective_and_gradients_close_to_float32():
   config = tiny.get_config()
-  batch = pipeline.random_batch(config, config.batch_size, np.random.default_rng(0))
+  batch = modalities.random_batch(config, config.batch_size, np.random.default_rng(0))
   results = {}
   for matmul in ('float32', 'bf16_operands'):
     c = config.copy_and_resolve_references()

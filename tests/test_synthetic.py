@@ -29,7 +29,7 @@ def test_catalogue_layout_and_media(raw_dir):
   # 8 frames at 2 fps = 4 s: about one frame a second gives 4.
   assert count == synthetic.VIDEO_FRAMES // synthetic.VIDEO_FPS
   with open(os.path.join(raw_dir, r['audio']), 'rb') as f:
-    assert media.decode_audio(f.read(), 16000, 1.0).shape == (16000,)
+    assert media.decode_audio(f.read(), 16000, 1.0)[0].shape == (16000,)
   # Several listings per instance, all of the instance's category.
   by_instance = {}
   for r in records:

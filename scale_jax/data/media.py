@@ -200,8 +200,9 @@ def _read_pcm16_wav(data: bytes):
   return np.frombuffer(pcm, '<i2').reshape(frames, channels) / np.float32(32768.0), rate
 
 
-def decode_audio(data: bytes, sample_rate: int, seconds: float) -> np.ndarray:
-  """Audio bytes -> mono float32 waveform at sample_rate, first `seconds`, zero-padded.
+def decode_audio(data: bytes, sample_rate: int, seconds: float) -> tuple[np.ndarray, int]:
+  """Audio bytes -> (mono float32 waveform at sample_rate, first `seconds`, zero-padded; number
+  of real samples before the padding).
 
   WAV/FLAC/OGG through libsndfile; anything else FFmpeg reads (an MP4 video's sound track
   included) through PyAV.
@@ -221,7 +222,7 @@ def decode_audio(data: bytes, sample_rate: int, seconds: float) -> np.ndarray:
     g = np.gcd(rate, sample_rate)
     wave = scipy.signal.resample_poly(wave, sample_rate // g, rate // g).astype(np.float32)
   length = int(sample_rate * seconds)
-  return np.pad(wave[:length], (0, max(0, length - wave.shape[0])))
+  return np.pad(wave[:length], (0, max(0, length - wave.shape[0]))), min(len(wave), length)
 
 
 def decode_features(data: bytes) -> np.ndarray:

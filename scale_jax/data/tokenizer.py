@@ -1,11 +1,12 @@
 """The sentencepiece tokenizer shared by captions and tables (one vocabulary, as in the paper)."""
 import io
 
+import numpy as np
 import sentencepiece as spm
 import tqdm
 
-PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4  # ids fixed by train_tokenizer
-SPECIAL_IDS = (PAD, UNK, CLS, SEP, MASK)
+# The ids train_tokenizer fixes; defined beside the token modalities that use them.
+from scale_jax.modalities.base import CLS, MASK, PAD, SEP, SPECIAL_IDS, UNK  # pylint: disable=unused-import
 
 
 def train_tokenizer(sentences: list, model_path: str, vocab_size: int,
@@ -40,6 +41,14 @@ def load_tokenizer(model_path: str) -> spm.SentencePieceProcessor:
     raise ValueError(f'{model_path}: not a tokenizer written by scale_jax.data.build (special '
                      f'tokens {specials})')
   return tok
+
+
+def replacement_ids(tok: spm.SentencePieceProcessor) -> np.ndarray:
+  """The ids the tokenizer emits for text (word pieces and byte pieces; no special, control or
+  unused ids): what MLM/MEM's random replacements are drawn from."""
+  ids = [i for i in range(tok.vocab_size())
+         if not (tok.is_control(i) or tok.is_unknown(i) or tok.is_unused(i) or i in SPECIAL_IDS)]
+  return np.array(ids, np.int32)
 
 
 def encode_table(tok: spm.SentencePieceProcessor, pairs) -> tuple[list[int], list[int]]:

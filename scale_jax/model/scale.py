@@ -1,12 +1,12 @@
 """SCALE: per-modality encoders, a joint co-transformer over all tokens, and the heads of the
-contrastive and masked objectives (../shared/spec/scale-method.md, section Model)."""
+contrastive and masked objectives (docs/method.md). What each modality is (tokens or patches, its
+token count, whether it is masked) comes from scale_jax.modalities."""
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from scale_jax import active_modalities
-from scale_jax.data.pipeline import TOKEN_MODALITIES, patch_dims, token_counts
-from scale_jax.losses import MASKED_OBJECTIVES, l2_normalize
+from scale_jax import modalities
+from scale_jax.losses import l2_normalize
 from scale_jax.model.layers import (Encoder, constrain, dense_init, dot_general_for, layer_norm,
                                    partitioned)
 
@@ -18,11 +18,6 @@ def _param(module, name, shape, axes, init=nn.initializers.normal(0.02)):
   return module.param(name, partitioned(init, axes), shape)
 
 
-def predicted_modalities(config) -> tuple:
-  """Modalities whose masked objective has a non-zero coefficient (only those get a head)."""
-  return tuple(m for m in active_modalities(config) if config.loss[MASKED_OBJECTIVES[m]])
-
-
 class Scale(nn.Module):
   """Maps a batch (scale_jax.data.pipeline format) to the embeddings and predictions that
   scale_jax.losses turns into the SCALE objective. `config` is the whole (frozen) run config."""
@@ -30,9 +25,11 @@ class Scale(nn.Module):
 
   def setup(self):
     c, m = self.config, self.config.model
-    self.modalities = active_modalities(c)
+    self.modalities = modalities.active(c)
     self.dtype = jnp.dtype(m.dtype)
-    counts, dims = token_counts(c), patch_dims(c)
+    specs = {k: modalities.get(k) for k in self.modalities}
+    counts = {k: specs[k].num_tokens(c[k]) for k in self.modalities}
+    dims = {k: specs[k].patch_dim(c[k]) for k in self.modalities if not specs[k].discrete}
     matmul = m.get('matmul', 'float32')  # configs saved before the field existed: float32
     dot_general = dot_general_for(matmul)  # of every Dense here and in the encoders
     encoder = lambda: Encoder(m.encoder_layers, m.heads, m.mlp_dim, self.dtype, m.remat,
@@ -43,7 +40,7 @@ class Scale(nn.Module):
         owner[b] = a  # b shares a's encoder: one set of parameters, named after a
     self.encoder_owner = owner
     self.encoders = {k: encoder() for k in self.modalities if owner[k] == k}
-    if any(k in TOKEN_MODALITIES for k in self.modalities):
+    if any(s.discrete for s in specs.values()):
       # Text and table share one vocabulary, so they share one token embedding (and the MLM/MEM
       # decoders are tied to it).
       self.token_embed = nn.Embed(m.vocab_size, m.width, embedding_init=partitioned(
@@ -66,8 +63,8 @@ class Scale(nn.Module):
     if m.joint_layers:
       self.joint = Encoder(m.joint_layers, m.heads, m.mlp_dim, self.dtype, m.remat, m.scan_layers,
                            matmul)
-    predicted = predicted_modalities(c)
-    if any(k in TOKEN_MODALITIES for k in predicted):
+    predicted = modalities.masked(c)  # only the masked modalities get a head
+    if any(specs[k].discrete for k in predicted):
       self.token_head = nn.Sequential([
           nn.Dense(m.width, dtype=self.dtype, dot_general=dot_general,
                    kernel_init=partitioned(dense_init, ('embed', 'mlp')),
@@ -82,20 +79,20 @@ class Scale(nn.Module):
     if m.learn_temperature:
       self.log_temperature = self.param('log_temperature', nn.initializers.constant(
           np.log(m.temperature)), ())
-    if m.weighting == 'learned':  # the paper's learned score matrix
-      self.weight_logits = self.param('weight_logits', nn.initializers.zeros,
+    if m.weighting == 'learned':  # G = exp(-s), one s per term (losses.harmonized_weights)
+      self.log_variances = self.param('log_variances', nn.initializers.zeros,
                                       (len(self.modalities),) * 2)
 
   def embed(self, modality, batch):
     """Input tokens [B, L, D] (global token first) and their validity [B, L]."""
     x, valid = batch[f'{modality}_input'], batch[f'{modality}_valid']
     present = batch['present'][:, self.modalities.index(modality)]
-    if modality in TOKEN_MODALITIES:
+    if modalities.get(modality).discrete:
       h = self.token_embed(x).astype(self.dtype)
       valid = valid.at[:, 0].set(present)  # the [CLS] token
     else:
       h = self.patch_embed[modality](x.astype(self.dtype))
-      masked = batch.get(f'{modality}_masked')
+      masked = batch.get(f'{modality}_masked')  # only in training batches of masked modalities
       if masked is not None:  # masked patches/frames are replaced, so the model cannot see them
         h = jnp.where(masked[..., None], self.mask_tokens[modality].astype(self.dtype), h)
       glob = jnp.broadcast_to(self.global_tokens[modality].astype(self.dtype),
@@ -133,8 +130,8 @@ class Scale(nn.Module):
     # modality's own encoder.
     source = fused_tokens if m.masked_heads_on == 'joint' else encoded
     predictions = {}
-    for k in predicted_modalities(self.config):
-      if k in TOKEN_MODALITIES:
+    for k in modalities.masked(self.config):
+      if modalities.get(k).discrete:
         h = self.token_head(source[k])
         predictions[k] = self.token_embed.attend(h.astype(jnp.float32)) + self.token_bias
       else:
@@ -146,5 +143,5 @@ class Scale(nn.Module):
            'temperature': (jnp.exp(self.log_temperature) if m.learn_temperature
                            else jnp.float32(m.temperature))}
     if m.weighting == 'learned':
-      out['weight_logits'] = self.weight_logits
+      out['log_variances'] = self.log_variances
     return out

@@ -1,0 +1,57 @@
+"""Checks a run's config before any work starts: every problem at once, each message naming the
+field and a value that works (a shape error inside a Grain worker or a silently truncated head
+names nothing)."""
+from scale_jax import losses, modalities
+from scale_jax.model import layers
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message lists every problem found."""
+
+
+def _model_problems(m) -> list:
+  problems = []
+  if m.width % m.heads:
+    fits = [h for h in range(1, m.heads + 1) if m.width % h == 0][-1]
+    problems.append(f'config.model.width={m.width} does not split into config.model.heads='
+                    f'{m.heads} heads; e.g. --config.model.heads={fits}')
+  choices = {'weighting': losses.WEIGHTINGS, 'contrastive': ('infonce', 'nt_xent'),
+             'absent': ('mask', 'zero'), 'masked_heads_on': ('joint', 'encoder'),
+             'remat': tuple(layers.REMAT_POLICIES), 'matmul': tuple(layers.MATMULS),
+             'dtype': ('float32', 'bfloat16')}
+  for field, allowed in choices.items():
+    if m[field] not in allowed:
+      problems.append(f'config.model.{field}={m[field]!r}: one of {", ".join(allowed)}')
+  return problems
+
+
+def _batch_problems(config, mesh) -> list:
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  problems = []
+  for field, size, parts in (('batch_size', config.batch_size, shards * config.microbatches),
+                             ('eval.batch_size', config.eval.batch_size, shards)):
+    if size % parts or size < parts:
+      what = (f'{config.microbatches} microbatches x {shards} devices' if field == 'batch_size'
+              and config.microbatches > 1 else f'the {shards} devices')
+      problems.append(f'config.{field}={size} does not split over {what} of mesh axes data x '
+                      f'fsdp; e.g. --config.{field}={max(parts, size // parts * parts)}')
+  return problems
+
+
+def check(config, mesh=None) -> None:
+  """Raises ConfigError listing every problem; `mesh` adds the batch-size checks."""
+  try:
+    names = modalities.active(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  problems = []
+  for m in names:
+    problems += modalities.get(m).check(config[m])
+  problems += _model_problems(config.model)
+  for objective, coefficient in config.loss.items():
+    if coefficient < 0:
+      problems.append(f'config.loss.{objective}={coefficient} must be >= 0')
+  if mesh is not None:
+    problems += _batch_problems(config, mesh)
+  if problems:
+    raise ConfigError('the config cannot run:\n  ' + '\n  '.join(problems))
