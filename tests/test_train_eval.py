@@ -1,11 +1,14 @@
 """The trainer and the evaluator end to end on the tiny config and 4 devices."""
+import copy
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from scale_jax import evaluate, losses, modalities
+from scale_jax import cli, evaluate, modalities, run_config
 from scale_jax.train import train
 
 
@@ -51,17 +54,34 @@ def test_metrics_and_checkpoints(trained):
   assert traces  # the profiler trace of step 1
 
 
-def test_evaluate_reports_both_rows(trained):
+def test_evaluate_reads_the_runs_own_config(trained):
+  """`python -m scale_jax.evaluate --workdir RUN`: no --config, the run's RUN/config.json (here
+  with the mesh the run was trained on), and overrides on top of it."""
   config, workdir, _ = trained
-  results = evaluate.evaluate(config, workdir)
+  assert run_config.differences(run_config.load(workdir), config) == []
+  assert cli.with_saved_config(['evaluate', '--workdir', workdir]) == [
+      'evaluate', f'--config={run_config.__file__}:{workdir}', '--workdir', workdir]
+  subprocess.run([sys.executable, '-m', 'scale_jax.evaluate', '--workdir', workdir,
+                  '--config.eval.probe_steps=20'], check=True, capture_output=True, text=True)
+  with open(os.path.join(workdir, 'eval.json'), encoding='utf-8') as f:
+    results = json.load(f)
   assert list(results) == ['random init', 'pretrained (step 4)']
   for metrics in results.values():
     assert set(metrics) == {'mAP@1', 'mAP@5', 'mAP@10', 'probe acc'}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
   assert results['random init'] != results['pretrained (step 4)']
-  with open(os.path.join(workdir, 'eval.json'), encoding='utf-8') as f:
-    assert json.load(f) == results
   assert 'mAP@10' in evaluate.format_table(results)
+
+
+def test_a_config_that_does_not_fit_the_checkpoint_names_the_field(trained):
+  config, workdir, _ = trained
+  other = copy.deepcopy(config)
+  other.loss.mrm = 0.0  # no MRM head: another parameter tree than the checkpoint's
+  with pytest.raises(ValueError) as e:
+    evaluate.evaluate(other, workdir)
+  message = str(e.value)
+  assert 'patch_heads_image' in message and 'loss.mrm: 1.0 -> 0.0' in message
+  assert 'leave out --config' in message
 
 
 def test_retrieval_map_by_hand():

@@ -26,7 +26,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from scale_jax import MODALITIES
+from scale_jax import modalities
+from scale_jax.modalities import MODALITIES
 from scale_jax.data import media, raw, tokenizer
 
 DATASET_NAME = 'scale_products'
@@ -83,11 +84,11 @@ def load_presence(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     return index[f'{split}_present'], index[f'{split}_features_present']
 
 
-# A cheap decode of each media kind: the file must decode, at any size.
-_CHECKS = {'image': lambda b: media.decode_image(b, 8),
-           'video': lambda b: media.decode_video(b, 1, 8, 1.0),
-           'audio': lambda b: media.decode_audio(b, 16000, 0.1),
-           'features': lambda b: media.decode_features(b).shape[1]}
+def _check_bytes(check: str, data: bytes):
+  """A cheap decode of a media file (its modality's check_bytes) or a features array (its size)."""
+  if check == 'features':
+    return media.decode_features(data).shape[1]
+  return modalities.get(check).check_bytes(data)
 
 
 def check_files(product: dict) -> tuple[dict, list, dict]:
@@ -105,7 +106,7 @@ def check_files(product: dict) -> tuple[dict, list, dict]:
       continue
     try:
       with open(path, 'rb') as f:
-        result = _CHECKS[check](f.read())
+        result = _check_bytes(check, f.read())
     except (media.MediaError, OSError) as e:
       problems.append((f'corrupt {check}', path, f'{e} ({field} of {product["where"]})'))
       product[field] = None

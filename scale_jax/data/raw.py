@@ -11,11 +11,12 @@ import collections
 import json
 import os
 
-from scale_jax import MODALITIES
+from scale_jax import modalities
 
 # Manifest field of each modality, in MODALITIES order.
-FIELDS = dict(zip(MODALITIES, ('caption', 'tabular', 'image', 'video', 'audio')))
-MEDIA = ('image', 'video', 'audio')
+FIELDS = {m: modalities.get(m).field for m in modalities.MODALITIES}
+# The modalities stored as media files (their manifest field is their name).
+MEDIA = tuple(m for m in modalities.MODALITIES if not modalities.get(m).discrete)
 # Pre-extracted feature arrays (.npy, [tokens, dim] or [dim]) a product may bring per media
 # modality, read instead of the media when the config says `source='features'`.
 FEATURE_FIELDS = {m: f'{m}_features' for m in MEDIA}
@@ -28,7 +29,7 @@ PROBLEM_KINDS = (
     'undecodable text',  # caption or table not valid UTF-8 text: that modality absent
     'malformed table',  # neither `k#:#v#;#...` nor [[k, v], ...]: table absent
     'missing file',  # a media or features path that does not exist: that modality absent
-    'corrupt image', 'corrupt video', 'corrupt audio',  # does not decode: modality absent
+    *(f'corrupt {m}' for m in MEDIA),  # does not decode: modality absent
     'corrupt features',  # not a finite float array of the dataset's feature size
     'no usable modality',  # nothing left to learn from: the product is skipped
 )

@@ -50,6 +50,10 @@ class Audio(PatchModality):
     return {'audio_input': patches,
             'audio_valid': np.repeat(rows_valid, c['n_mels'] // c['patch_freq'])}
 
+  def check_bytes(self, data):
+    from scale_jax.data import media  # pylint: disable=g-import-not-at-top
+    media.decode_audio(data, 16000, 0.1)
+
   def check_media(self, c):
     window = window_samples(c)
     if window < c['n_fft']:

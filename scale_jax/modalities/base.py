@@ -156,6 +156,11 @@ class PatchModality(Modality):
   def preprocess_media(self, ex, present, c) -> dict:
     raise NotImplementedError
 
+  def check_bytes(self, data: bytes) -> None:
+    """A cheap decode of a stored media file at any size (the build's check); raises
+    scale_jax.data.media.MediaError if it does not decode."""
+    raise NotImplementedError
+
   def positions(self, c):
     return c['feature_tokens'] if self.reads_features(c) else self.media_positions(c)
 

@@ -21,6 +21,10 @@ class Image(PatchModality):
     patches = patchify(img, c['patch'], c['patch'])
     return {'image_input': patches, 'image_valid': np.full(len(patches), present)}
 
+  def check_bytes(self, data):
+    from scale_jax.data import media  # pylint: disable=g-import-not-at-top
+    media.decode_image(data, 8)
+
   def check_media(self, c):
     return divides(c, 'image', 'patch', 'size')
 

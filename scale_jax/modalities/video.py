@@ -24,6 +24,10 @@ class Video(PatchModality):
     return {'video_input': frames.reshape(c['num_frames'], -1),
             'video_valid': np.arange(c['num_frames']) < count}
 
+  def check_bytes(self, data):
+    from scale_jax.data import media  # pylint: disable=g-import-not-at-top
+    media.decode_video(data, 1, 8, 1.0)
+
   def check_media(self, c):
     problems = []
     for key in ('num_frames', 'frame_size'):
