@@ -1,0 +1,1 @@
+"""Evaluators of product features: retrieval, classification, clustering."""

@@ -1,0 +1,146 @@
+"""Retrieval metrics: blockwise top-k search and the authors' mAP@k / Prec@k.
+
+Features are L2-normalised by the caller, so the dot product is the cosine similarity. Nothing
+here holds a full queries x gallery matrix: top_k works through blocks of query rows.
+"""
+import numpy as np
+
+KS = (1, 5, 10)
+
+
+def top_k(queries, gallery, k, exclude=None, max_elements=1 << 24):
+  """The k most similar gallery rows of each query, by dot product.
+
+  Args:
+    queries: float [Q, D].
+    gallery: float [N, D].
+    k: how many results per query.
+    exclude: optional int [Q]: a gallery index to leave out of each query's results (the query
+      itself when queries and gallery are the same set); -1 leaves nothing out for that query.
+    max_elements: the most similarities held at once (the working memory is a few times that:
+      the partition's copy, masks); queries go through in blocks of max(1, max_elements // N).
+
+  Returns:
+    (indices int64 [Q, k_eff], scores float32 [Q, k_eff]), each row by score descending, ties
+    broken by the lower gallery index. k_eff = min(k, N), or min(k, N - 1) when exclude leaves
+    something out for any query, so no returned entry is an excluded one.
+  """
+  queries = np.asarray(queries, np.float32)
+  gallery = np.asarray(gallery, np.float32)
+  if not (np.isfinite(queries).all() and np.isfinite(gallery).all()):
+    raise ValueError('top_k: features must be finite')  # NaN would upset the partition
+  q, n = len(queries), len(gallery)
+  excluding = exclude is not None and bool(np.any(np.asarray(exclude) >= 0))
+  k_eff = max(0, min(int(k), n - 1 if excluding else n))
+  indices = np.zeros((q, k_eff), np.int64)
+  scores = np.zeros((q, k_eff), np.float32)
+  if q == 0 or k_eff == 0:
+    return indices, scores
+  if excluding:
+    exclude = np.asarray(exclude, np.int64).reshape(q)
+  rows = max(1, int(max_elements) // n)
+  for start in range(0, q, rows):
+    stop = min(start + rows, q)
+    sims = queries[start:stop] @ gallery.T  # [B, N]
+    if excluding:
+      r = np.flatnonzero(exclude[start:stop] >= 0)
+      sims[r, exclude[start:stop][r]] = -np.inf
+    indices[start:stop], scores[start:stop] = _block_top_k(sims, k_eff)
+  return indices, scores
+
+
+def _block_top_k(sims, k):
+  """top_k of one block [B, N] of similarities, 1 <= k <= N, in O(B N) rather than a full sort.
+
+  argpartition alone picks arbitrarily among scores tied with the k-th largest; taking every
+  score above it plus the lowest-index ties makes the result deterministic.
+  """
+  b, n = sims.shape
+  kth = np.partition(sims, n - k, axis=1)[:, n - k:n - k + 1]  # k-th largest, [B, 1]
+  chosen = sims >= kth
+  extra = chosen.sum(1) - k  # > 0 where ties with the k-th score overflow the k places
+  rows = np.flatnonzero(extra > 0)
+  if len(rows):  # rare with real features: drop the highest-index ties of those rows only
+    ties = sims[rows] == kth[rows]
+    from_right = np.cumsum(ties[:, ::-1], axis=1, dtype=np.int32)[:, ::-1]
+    chosen[rows] &= ~(ties & (from_right <= extra[rows, None]))
+  idx = np.nonzero(chosen)[1].reshape(b, k)  # exactly k per row, in ascending index order
+  val = np.take_along_axis(sims, idx, axis=1)
+  order = np.argsort(-val, axis=1, kind='stable')  # stable: equal scores keep the lower index
+  return np.take_along_axis(idx, order, axis=1), np.take_along_axis(val, order, axis=1)
+
+
+def retrieval_metrics(relevant, num_relevant, ks=KS) -> dict:
+  """mAP@k and Prec@k over the queries that can be answered.
+
+  Args:
+    relevant: bool [Q, K]: whether each query's i-th result is relevant. Results past K (a gallery
+      smaller than k) count as not relevant.
+    num_relevant: int [Q]: relevant items in the gallery for each query, the query itself not
+      counted. Queries with none cannot be answered and are left out of every mean.
+    ks: the cut-offs.
+
+  Per query, with hits@k the relevant results among the top k:
+    AP@k = (1 / hits@k) * sum_{i <= k, rel_i} Prec@i, 0 when hits@k = 0 (the authors'
+    normalisation: by the hits within the top k, not by num_relevant, so AP@1 = Prec@1);
+    Prec@k = hits@k / k.
+
+  Returns:
+    {'mAP@k': ..., 'Prec@k': ... for each k in ks, in [0, 1]; 'queries': the number of queries
+    counted}. With no query counted every metric is 0.0.
+  """
+  relevant = np.asarray(relevant, bool)
+  num_relevant = np.asarray(num_relevant).reshape(-1)
+  if relevant.ndim != 2 or len(relevant) != len(num_relevant):
+    raise ValueError(f'relevant must be [Q, K] and num_relevant [Q], not {relevant.shape} and '
+                     f'{num_relevant.shape}')
+  relevant = relevant[num_relevant > 0]
+  count = len(relevant)
+  depth = relevant.shape[1]
+  hits_at = np.cumsum(relevant, axis=1)  # hits@i, [Q, K]
+  precision_at = hits_at / np.arange(1, depth + 1)
+  gain = np.cumsum(np.where(relevant, precision_at, 0.0), axis=1)  # sum_{j <= i, rel_j} Prec@j
+  maps, precisions = {}, {}
+  for k in ks:
+    d = min(k, depth)
+    hits = hits_at[:, d - 1] if d else np.zeros(count)
+    total = gain[:, d - 1] if d else np.zeros(count)
+    ap = np.where(hits > 0, total / np.maximum(hits, 1), 0.0)
+    maps[f'mAP@{k}'] = float(ap.mean()) if count else 0.0
+    precisions[f'Prec@{k}'] = float((hits / k).mean()) if count else 0.0
+  out = {**maps, **precisions}
+  out['queries'] = count
+  return out
+
+
+def retrieve(features, keys, ks=KS, query_index=None, gallery_index=None,
+             max_elements=1 << 24) -> dict:
+  """retrieval_metrics of same-key retrieval among rows of one feature matrix.
+
+  Args:
+    features: float [N, D], L2-normalised.
+    keys: [N]: what makes a result relevant: category labels for coarse-grained retrieval,
+      instance ids for fine-grained. Any values np.unique can sort.
+    ks: the cut-offs.
+    query_index: int [Q] rows used as queries (default: all).
+    gallery_index: int [G] distinct rows searched (default: all). A query in the gallery is left
+      out of its own results and of its num_relevant.
+    max_elements: as top_k.
+
+  num_relevant comes from the keys of the whole gallery, not from the top k: a query whose key
+  no other gallery row shares (an instance with a single member) is not counted.
+  """
+  features = np.asarray(features)
+  n = len(features)
+  _, dense = np.unique(np.asarray(keys), return_inverse=True)
+  dense = dense.reshape(-1)
+  queries = np.arange(n) if query_index is None else np.asarray(query_index, np.int64)
+  gallery = np.arange(n) if gallery_index is None else np.asarray(gallery_index, np.int64)
+  position = np.full(n, -1, np.int64)  # each row's place in the gallery, -1 when not in it
+  position[gallery] = np.arange(len(gallery))
+  exclude = position[queries]
+  idx, _ = top_k(features[queries], features[gallery], max(ks), exclude, max_elements)
+  relevant = dense[gallery][idx] == dense[queries][:, None]
+  per_key = np.bincount(dense[gallery], minlength=int(dense.max(initial=-1)) + 1)
+  num_relevant = per_key[dense[queries]] - (exclude >= 0)
+  return retrieval_metrics(relevant, num_relevant, ks)
