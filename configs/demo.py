@@ -96,7 +96,27 @@ def get_config():
   # Device mesh; -1 takes the devices left over. Logical-axis rules live in scale_jax/sharding.py.
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
 
-  # Retrieval mAP and linear probe (scale_jax.evaluate); during training every `every` steps and
-  # at the end (0: never; `python -m scale_jax.evaluate` after training instead).
-  c.eval = dict(batch_size=128, probe_steps=500, probe_lr=0.01, every=0)
+  # Evaluation (docs/evaluation.md). The product feature of a modality combination: the
+  # 'fused' vectors (or the pre-fusion 'z') of its modalities, 'mean'- (or 'sum'-) pooled; the
+  # product encoded from those modalities 'only' (or from all of them, 'full': the authors').
+  c.eval = dict(
+      batch_size=128,  # products per evaluation batch (splits over the data x fsdp devices)
+      # Each modality alone, then the paper's ladder: text, +image, +table, +video, +audio.
+      combinations=('text', 'table', 'image', 'video', 'audio', 'text+image', 'text+table+image',
+                    'text+table+image+video', 'text+table+image+video+audio'),
+      feature='fused', pooling='mean', protocol='only',
+      train_products=1000,  # the train-split sample the probe and fine-tuning learn from
+  )
+  # The evaluators, by name: `type` picks the module (scale_jax/evaluators/), the rest are its
+  # settings. The trainer runs each every `every` steps (0: never) on the validation split;
+  # `python -m scale_jax.evaluate --workdir RUN` runs them all on the test split.
+  c.evals = dict(
+      coarse=dict(type='retrieval', relevance='category', every=0),
+      fine=dict(type='retrieval', relevance='instance', every=0),
+      probe=dict(type='classification', method='probe', steps=500, lr=0.01, every=0),
+      # Fine-tuning trains the encoders: on the CPU the demo fine-tunes the full combination only.
+      finetune=dict(type='classification', method='finetune', steps=60, lr=1e-4, every=0,
+                    combinations=('all',)),
+      clustering=dict(type='clustering', every=0),
+  )
   return c

@@ -17,5 +17,7 @@ def get_config():
   c.model.update(vocab_size=512, width=32, heads=2, mlp_dim=64, encoder_layers=1, joint_layers=1,
                  embed_dim=16)
   c.optimizer.warmup_steps = 2
-  c.eval.update(batch_size=16, probe_steps=50)
+  c.eval.update(batch_size=16, train_products=64)
+  c.evals.probe.steps = 50
+  c.evals.finetune.steps = 4
   return c

@@ -44,7 +44,7 @@ def with_saved_config(argv):
   if _flag_value(argv, 'config') is not None:
     return argv
   workdir = _flag_value(argv, 'workdir')
-  if workdir and os.path.isfile(run_config.path(workdir)):
+  if workdir and run_config.path(workdir).exists():
     return argv[:1] + [f'--config={run_config.__file__}:{workdir}'] + argv[1:]
   return argv
 

@@ -134,6 +134,23 @@ def weight_matrix(outputs, present, config):
   return jnp.where(jnp.eye(pair_w.shape[-1], dtype=bool), self_w, pair_w)
 
 
+def weight_sums(outputs, present, config):
+  """([M, M] the sum of G over the products that have both modalities of each entry, [M, M]
+  how many products those are)."""
+  g = weight_matrix(outputs, present, config)
+  both = present[:, :, None] & present[:, None, :]
+  return jnp.sum(jnp.where(both, g, 0.0), 0), jnp.sum(both, 0)
+
+
+def weight_means(outputs, present, config) -> dict:
+  """'weights/a-b': the batch mean of the harmonized weight G[a, b] over products that have both
+  modalities (the diagonal 'weights/a-a' weighs a's masked objective)."""
+  total, count = weight_sums(outputs, present, config)
+  mean = total / jnp.maximum(count, 1)
+  names = modalities.active(config)
+  return {f'weights/{a}-{b}': mean[i, j] for i, a in enumerate(names) for j, b in enumerate(names)}
+
+
 def scale_objective(outputs, batch, config, masked_counts=None):
   """Total loss and a dict of each term (unweighted by coefficients) for logging.
 

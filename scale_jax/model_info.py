@@ -23,7 +23,7 @@ import itertools
 import jax
 import numpy as np
 
-from scale_jax import modalities
+from scale_jax import modalities, state
 
 
 def layer_flops(tokens, width, mlp):
@@ -50,8 +50,7 @@ def flops_per_example(config) -> dict:
 
 def parameter_counts(config) -> dict:
   """Parameters by top-level part of the model (shapes only: nothing is allocated)."""
-  from scale_jax.train import build_model  # pylint: disable=g-import-not-at-top
-  model = build_model(config)
+  model = state.build_model(config)
   shapes = jax.eval_shape(model.init, jax.random.key(0), modalities.dummy_batch(config, 2))
   counts = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes['params'])[0]:

@@ -5,35 +5,40 @@ and evaluation, the notebook and init_from read it from there.
     python -m scale_jax.evaluate --workdir RUN --config.eval.batch_size=64
 
 Without --config, the command line loads RUN/config.json through this file (as
-`--config=scale_jax/run_config.py:RUN`), so --config.x=y overrides still apply.
+`--config=scale_jax/run_config.py:RUN`), so --config.x=y overrides still apply. RUN may be a local
+directory or a gs:// URL (etils epath, as Orbax and TFDS use).
 """
 import json
-import os
 
 import ml_collections
+from etils import epath
 
 FILENAME = 'config.json'
 
 
-def path(workdir: str) -> str:
-  return os.path.join(workdir, FILENAME)
+def path(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / FILENAME
 
 
 def save(config, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(path(workdir), 'w', encoding='utf-8') as f:
-    f.write(config.to_json(indent=1, sort_keys=True))
-    f.write('\n')
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  path(workdir).write_text(config.to_json(indent=1, sort_keys=True) + '\n')
+
+
+def _tuples(value):
+  """JSON's lists back to the tuples the configs hold (and --config.x=y can override)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:
-  """RUN/config.json as a ConfigDict (tuples come back as lists)."""
-  if not os.path.isfile(path(workdir)):
+  """RUN/config.json as a ConfigDict."""
+  if not path(workdir).exists():
     raise FileNotFoundError(f'{path(workdir)}: no saved config; this run was not started by '
                             f'`python -m scale_jax.train` of this version. Give --config FILE '
                             f'with the overrides it was trained with.')
-  with open(path(workdir), encoding='utf-8') as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(_tuples(json.loads(path(workdir).read_text())))
 
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:

@@ -1,5 +1,6 @@
-r"""Pretrains SCALE. `train` reads top to bottom: setup, mesh, input, model and train step, where
-the run starts, compilation, evaluators, loop; the functions above it are its parts.
+r"""Pretrains SCALE. `train` reads top to bottom: setup, mesh, model and train step (the config
+checked first), evaluators, input, where the run starts, compilation, loop; the functions above
+it are its parts, and the model, optimizer and checkpoints are scale_jax/state.py's.
 
     python -m scale_jax.train --config configs/demo.py --workdir RUN [--config.x=y ...]
 
@@ -18,12 +19,10 @@ events under RUN/tensorboard, and a progress bar on the console. docs/training.m
 import functools
 import json
 import os
-import re
 import signal
 import time
 from typing import Any, NamedTuple
 
-import flax
 import grain
 import jax
 import jax.numpy as jnp
@@ -32,118 +31,16 @@ import optax
 import orbax.checkpoint as ocp
 import tensorboardX
 import tqdm
-from flax import linen as nn
 from jax.experimental import multihost_utils
-from ml_collections import FrozenConfigDict
 
-from scale_jax import (cli, config_check, evaluate, losses, modalities, model_info, run_config,
-                       sharding)
+from scale_jax import (cli, config_check, evaluators, losses, modalities, model_info, run_config,
+                       sharding, state as run_state)
 from scale_jax.data import pipeline
-from scale_jax.model.scale import Scale
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # updates applied so far
-  params: dict
-  opt_state: optax.OptState
-  rng: jax.Array  # uint32 key data; step s runs with fold_in(rng, s)
-  # The first step whose loss or gradient was not finite (-1: none yet) and which metric it was,
-  # an index into nonfinite_order(metrics). A checkpoint always holds -1: bad states are not saved.
-  nonfinite_step: jax.Array
-  nonfinite_metric: jax.Array
-
+from scale_jax.evaluators import features
 
 # ------------------------------------------------------------------------------------------------
-# Optimizer.
-
-def param_name(path) -> str:
-  """'encoders_text/block_0/mlp_in/kernel': a parameter's dict keys joined by '/' (the .value of
-  nn.Partitioned boxes left out). The regexes of the config match these."""
-  return '/'.join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
-def lr_multiplier(name: str, rules) -> float:
-  """The multiplier of the first (regex, multiplier) rule whose regex finds the name; else 1."""
-  for pattern, multiplier in rules:
-    if re.search(pattern, name):
-      return float(multiplier)
-  return 1.0
-
-
-def scale_by_lr_multipliers(rules) -> optax.GradientTransformation:
-  """Multiplies each parameter's update by its lr_multiplier. Placed after AdamW, it scales the
-  whole step (weight decay included, as optax's adamw scales decay by the learning rate)."""
-
-  def update(updates, state, params=None):
-    del params
-    def scale(path, u):
-      m = lr_multiplier(param_name(path), rules)
-      return u if m == 1.0 else u * m
-    return jax.tree_util.tree_map_with_path(scale, updates), state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def make_optimizer(config):
-  """AdamW with linear warm-up then cosine (to 1% of the peak) or linear (to 0) decay, global-norm
-  clipping, no weight decay on biases, norms and embeddings (only on `kernel`s), and per-parameter
-  learning-rate multipliers (config.optimizer.lr_multipliers)."""
-  o = config.optimizer
-  decay_steps = max(config.total_steps - o.warmup_steps, 1)
-  if o.decay == 'cosine':
-    decay = optax.cosine_decay_schedule(o.lr, decay_steps, alpha=0.01)
-  elif o.decay == 'linear':  # the paper's schedule
-    decay = optax.linear_schedule(o.lr, 0.0, decay_steps)
-  else:
-    raise ValueError(f"optimizer.decay must be 'cosine' or 'linear', not {o.decay!r}")
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, o.lr, o.warmup_steps), decay], [o.warmup_steps])
-  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: param_name(path).endswith('kernel'), params)
-  parts = [optax.clip_by_global_norm(o.clip_norm),
-           optax.adamw(schedule, o.b1, o.b2, weight_decay=o.weight_decay, mask=decay_mask)]
-  if o.lr_multipliers:
-    parts.append(scale_by_lr_multipliers(tuple(o.lr_multipliers)))
-  return optax.chain(*parts), schedule
-
-
-# ------------------------------------------------------------------------------------------------
-# Model, sharded initialisation and the objective's gradient.
-
-def build_model(config):
-  return Scale(FrozenConfigDict(config))
-
-
-def sharded_state_init(model, tx, config, mesh):
-  """Returns (jitted init producing a sharded TrainState from a PRNG key, its shardings).
-
-  Shapes come from jax.eval_shape, so no full copy of the model ever lands on one device.
-  """
-  batch = modalities.dummy_batch(config, 2)
-
-  def init_boxed(rng):  # parameters carry their logical axis names (nn.Partitioned boxes)
-    params = model.init(rng, batch)['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
-                      nonfinite_step=jnp.full((), -1, jnp.int32),
-                      nonfinite_metric=jnp.full((), -1, jnp.int32))
-
-  abstract = jax.eval_shape(init_boxed, jax.random.key(0))
-  shardings = sharding.tree_shardings(mesh, abstract)
-  init = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=shardings)
-  return init, shardings
-
-
-def weight_means(outputs, present, config) -> dict:
-  """'weights/a-b': the batch mean of the harmonized weight G[a, b] over products that have both
-  modalities (the diagonal 'weights/a-a' weighs a's masked objective)."""
-  g = losses.weight_matrix(outputs, present, config)
-  both = present[:, :, None] & present[:, None, :]
-  mean = jnp.sum(jnp.where(both, g, 0.0), 0) / jnp.maximum(jnp.sum(both, 0), 1)
-  names = modalities.active(config)
-  return {f'weights/{a}-{b}': mean[i, j] for i, a in enumerate(names) for j, b in enumerate(names)}
-
+# The objective's gradient and the train step (model, optimizer, state and checkpoints:
+# scale_jax/state.py).
 
 def microbatched(x, k: int):
   """[B, ...] -> [k, B/k, ...], microbatch j holding rows j, j + k, j + 2k, ...: each device's
@@ -171,7 +68,7 @@ def metrics_and_grads(model, params, batch, config, rng, mesh, param_shardings=N
     def loss_fn(p):
       out = apply(p, batch, rng)
       loss, terms = losses.scale_objective(out, batch, config)
-      return loss, {**terms, **weight_means(out, batch['present'], config)}
+      return loss, {**terms, **losses.weight_means(out, batch['present'], config)}
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return metrics, grads
 
@@ -229,7 +126,8 @@ def metrics_and_grads(model, params, batch, config, rng, mesh, param_shardings=N
   masked = {n: jnp.sum(v) for n, v in masked.items()}
   metrics.update(masked)
   metrics['loss'] = metrics['loss'] + sum(config.loss[n] * v for n, v in masked.items())
-  metrics.update(weight_means({'z': z, 'fused': fused, **shared}, batch['present'], config))
+  metrics.update(losses.weight_means({'z': z, 'fused': fused, **shared}, batch['present'],
+                                     config))
   return metrics, grads
 
 
@@ -282,12 +180,13 @@ class TrainSetup(NamedTuple):
 
 def build_train_setup(config, mesh) -> TrainSetup:
   config_check.check(config, mesh)  # before anything is traced: every problem, named
-  model = build_model(config)
-  tx, schedule = make_optimizer(config)
-  init, state_shardings = sharded_state_init(model, tx, config, mesh)
+  model = run_state.build_model(config)
+  tx, schedule = run_state.make_optimizer(config)
+  init, state_shardings = run_state.sharded_state_init(model, tx, config, mesh)
   batch_shardings = sharding.batch_sharding(mesh, modalities.dummy_batch(config, 1))
   step = make_train_step(model, tx, schedule, config, state_shardings, batch_shardings)
-  abstract_state = abstract_like(jax.eval_shape(init, jax.random.key(0)), state_shardings)
+  abstract_state = run_state.abstract_like(jax.eval_shape(init, jax.random.key(0)),
+                                           state_shardings)
   abstract_batch = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct((config.batch_size,) + x.shape[1:], x.dtype, sharding=s),
       modalities.dummy_batch(config, 1), batch_shardings)
@@ -322,104 +221,6 @@ def measure_peak_tflops(dtype) -> float:
     matmul(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * n ** 3 / best / 1e12
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints.
-
-def checkpoint_manager(workdir, config):
-  """Asynchronous; keeps the latest config.checkpoint_keep plus every multiple of
-  config.checkpoint_keep_every. Temporary directories of a save cut short are removed."""
-  keep = [ocp.checkpoint_managers.LatestN(config.checkpoint_keep)]
-  if config.checkpoint_keep_every:
-    keep.append(ocp.checkpoint_managers.EveryNSteps(config.checkpoint_keep_every))
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(
-          preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
-          enable_async_checkpointing=True, cleanup_tmp_directories=True),
-      item_names=('state', 'data'))
-
-
-def abstract_like(state, shardings):
-  """Restore targets: shapes, dtypes and the shardings of *this* run's mesh."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, shardings)
-
-
-def _flat_params(tree) -> dict:
-  return {param_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _read_only_manager(workdir):
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  return ocp.CheckpointManager(directory, item_handlers={'state': ocp.PyTreeCheckpointHandler()},
-                               options=ocp.CheckpointManagerOptions(read_only=True))
-
-
-def _config_hint(workdir, config) -> str:
-  """What differs between the config saved in `workdir` and this one, for error messages."""
-  try:
-    changed = run_config.differences(run_config.load(workdir), config)
-  except FileNotFoundError:
-    return f' ({run_config.path(workdir)} is missing: compare the configs by hand)'
-  if not changed:
-    return ''
-  return (f'. Fields that differ from {run_config.path(workdir)} (saved -> here):\n  '
-          + '\n  '.join(changed))
-
-
-def check_checkpoint_matches(workdir, step, params, config):
-  """Raises ValueError if the parameters saved at `step` in `workdir` are not those of this
-  config's model (a tree-structure mismatch inside Orbax names neither the cause nor the fix)."""
-  source = _read_only_manager(workdir)
-  saved = {n: tuple(x.shape) for n, x in _flat_params(
-      source.item_metadata(step)['state']['params']).items()}
-  source.close()
-  ours = {n: tuple(x.shape) for n, x in _flat_params(params).items()}
-  if saved == ours:
-    return
-  def where(n):
-    if n not in ours:
-      return f'{n}: only in the checkpoint'
-    return f'{n}: only here' if n not in saved else f'{n}: {saved[n]} saved, {ours[n]} here'
-  diff = sorted(n for n in set(saved) | set(ours) if saved.get(n) != ours.get(n))
-  shown = ', '.join(where(n) for n in diff[:4])
-  raise ValueError(
-      f'the checkpoint at step {step} in {workdir} holds another model than this config builds: '
-      f'{len(diff)} parameter arrays differ ({shown}{", ..." if len(diff) > 4 else ""})'
-      f'{_config_hint(workdir, config)}\nUse the run\'s own config: leave out --config (it '
-      f'is read from {run_config.path(workdir)}) or repeat the overrides it was trained with.')
-
-
-def load_init_from(params, shardings, init_from, config):
-  """params with those whose name `init_from.include` finds copied from the latest checkpoint of
-  run `init_from.workdir`, onto this run's shardings. Returns (params, its step, copied names)."""
-  source = _read_only_manager(init_from.workdir)
-  directory = source.directory
-  step = source.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'config.init_from.workdir: no checkpoint in {directory}')
-  saved = _flat_params(source.item_metadata(step)['state']['params'])
-  ours, our_shardings = _flat_params(params), _flat_params(shardings)
-  names = [n for n in ours if re.search(init_from.include, n) and n in saved]
-  if not names:
-    raise ValueError(f'config.init_from.include={init_from.include!r} selects no parameter that '
-                     f'the checkpoint in {directory} holds')
-  for n in names:
-    if tuple(saved[n].shape) != ours[n].shape:
-      raise ValueError(f'init_from: {n} has shape {tuple(saved[n].shape)} in {directory}, '
-                       f'{ours[n].shape} here{_config_hint(init_from.workdir, config)}')
-  nest = lambda d: flax.traverse_util.unflatten_dict({tuple(n.split('/')): v for n, v in d.items()})
-  target = {'params': nest({n: jax.ShapeDtypeStruct(ours[n].shape, ours[n].dtype,
-                                                    sharding=our_shardings[n]) for n in names})}
-  restored = source.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True))).state
-  source.close()
-  copied = _flat_params(restored['params'])
-  return nest({n: copied.get(n, x) for n, x in ours.items()}), step, names
-
 
 def check_finite(state, metrics, manager):
   """Raises FloatingPointError naming the first step and metric that were not finite. Reads two
@@ -508,6 +309,16 @@ def train(config, workdir):
         f'is {config.model.vocab_size}; raise it with --config.model.vocab_size={data_vocab}')
 
   # ----------------------------------------------------------------------------------------------
+  # Evaluators (config.evals, by name) with a non-zero `every`, on the validation split, so that
+  # choosing a checkpoint never tunes on the test split.
+  periodic = {n: e for n, e in evaluators.from_config(config).items() if e.every}
+  extractor = features.FeatureExtractor(setup.model, config, mesh) if periodic else None
+  if periodic and 'validation' not in pipeline.splits(config.data.dir):
+    raise config_check.ConfigError(
+        f'config.evals.{next(iter(periodic))}.every > 0 evaluates on the validation split, which '
+        f'{config.data.dir} does not have: rebuild it with --val-fraction 0.05, or set every=0')
+
+  # ----------------------------------------------------------------------------------------------
   # Input pipeline: this process's share of every global batch, assembled into global arrays.
   dataset = pipeline.train_dataset(config, jax.process_index(), jax.process_count())
   data_iter = iter(dataset)
@@ -520,10 +331,11 @@ def train(config, workdir):
   # Where the run starts: resume > init_from > scratch (module docstring). A resumed state is
   # restored straight onto this mesh's shardings, never initialised first. The run's config is
   # written to RUN/config.json once the checkpoint is known to fit it.
-  manager = checkpoint_manager(workdir, config)
+  manager = run_state.checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
-    check_checkpoint_matches(workdir, manager.latest_step(), setup.abstract_state.params, config)
-    if os.path.isfile(run_config.path(workdir)) and jax.process_index() == 0:
+    run_state.check_checkpoint_matches(workdir, manager.latest_step(),
+                                       setup.abstract_state.params, config)
+    if run_config.path(workdir).exists() and jax.process_index() == 0:
       changed = run_config.differences(run_config.load(workdir), config)
       if changed:
         log('resuming with config changes (saved -> now): ' + '; '.join(changed))
@@ -535,8 +347,8 @@ def train(config, workdir):
   else:
     state = setup.init(jax.random.key(config.seed))
     if config.init_from.workdir:
-      params, source_step, names = load_init_from(state.params, setup.state_shardings.params,
-                                                  config.init_from, config)
+      params, source_step, names = run_state.load_init_from(
+          state.params, setup.state_shardings.params, config.init_from, config)
       state = state.replace(params=params)
       towers = sorted({n.split('/')[0] for n in names})
       log(f'initialised {len(names)} of {len(jax.tree.leaves(params))} parameter arrays '
@@ -569,10 +381,6 @@ def train(config, workdir):
   # another compiles it): meet at the coordination service, which waits long, before the first
   # collective, which may not (gloo's CPU collectives give up after 30 s). No-op for one process.
   ocp.multihost.get_barrier_sync_fn()(key='scale_jax_train_step_compiled', timeout_ms=3_600_000)
-
-  # ----------------------------------------------------------------------------------------------
-  # Evaluators: retrieval mAP and linear probe on features of the current parameters.
-  evaluator = evaluate.make_evaluator(setup.model, config, mesh) if config.eval.every else None
 
   # ----------------------------------------------------------------------------------------------
   # Loop. Metrics are fetched from the device only on log steps, so the host runs ahead.
@@ -611,10 +419,12 @@ def train(config, workdir):
         progress.set_postfix(loss=f'{values["loss"]:.3f}')
         last_time, last_step, data_wait, paused = now, step, 0.0, 0.0
 
-      if evaluator and (step % config.eval.every == 0 or step == config.total_steps):
+      due = {n: e for n, e in periodic.items()
+             if step % e.every == 0 or step == config.total_steps}
+      if due:
         t = time.perf_counter()
-        results = evaluator(state.params)
-        writer.write(step, {f'eval/{k.replace(" ", "_")}': v for k, v in results.items()})
+        results = evaluators.evaluate(due, extractor, state.params, 'validation')
+        writer.write(step, evaluators.flat(results))
         paused += time.perf_counter() - t
 
       preempted = preemption.requested(step)

@@ -22,7 +22,8 @@ def raw_dir(tmp_path_factory):
 def data_dir(raw_dir, tmp_path_factory):
   """The catalogue built into a TFDS dataset plus tokenizer."""
   out = tmp_path_factory.mktemp('data')
-  build.build(raw_dir, str(out), vocab_size=400, progress=False)
+  build.build(raw_dir, str(out), vocab_size=400, test_fraction=0.2, val_fraction=0.2,
+              progress=False)
   return str(out)
 
 

@@ -3,8 +3,8 @@ import jax
 import pytest
 
 from scale_jax import losses, modalities, model_info, sharding
-from scale_jax.train import (build_model, make_optimizer, make_train_step, sharded_state_init,
-                             xla_flops)
+from scale_jax.state import build_model, make_optimizer, sharded_state_init
+from scale_jax.train import make_train_step, xla_flops
 
 CONFIGS = ('tiny', 'demo', 'paper', 'large', 'clip_peer')
 

@@ -10,7 +10,7 @@ from flax import linen as nn
 from configs import tiny
 from scale_jax import losses, modalities
 from scale_jax.model.layers import bf16_operands_dot_general, dot_general_for
-from scale_jax.train import build_model
+from scale_jax.state import build_model
 
 RTOL = 1e-2  # relative to the norm of the f32 result
 

@@ -7,7 +7,7 @@ from flax import linen as nn
 from scale_jax import losses, modalities, sharding
 from scale_jax.data import pipeline
 from scale_jax.modalities import MODALITIES
-from scale_jax.train import build_model, make_optimizer, sharded_state_init
+from scale_jax.state import build_model, make_optimizer, sharded_state_init
 
 
 @pytest.fixture(scope='module')

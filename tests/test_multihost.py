@@ -25,7 +25,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two modalities compile ~3 x faster than five; the multi-process code paths are the same.
 RUN = {'modalities': ('text', 'image'), 'mesh.data': 2, 'mesh.fsdp': 2, 'total_steps': 12,
        'checkpoint_every': 3,
-       'peak_tflops_per_device': 1.0, 'eval.every': 12, 'preemption_check_every': 2}
+       'peak_tflops_per_device': 1.0, 'preemption_check_every': 2,
+       # Evaluation on the validation split at the last step: features of every process's rows.
+       'eval.combinations': ('text', 'text+image'), 'evals.coarse.every': 12,
+       'evals.fine.every': 12, 'evals.probe.every': 12, 'evals.clustering.every': 12}
 
 
 def free_port():
@@ -56,8 +59,11 @@ def test_two_processes_match_one_with_four_devices(data_dir, cache_dir, tmp_path
   config = tiny.get_config()
   config.data.dir = data_dir
   for key, value in RUN.items():
-    section, _, leaf = key.rpartition('.')
-    (config[section] if section else config)[leaf] = value
+    *sections, leaf = key.split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    node[leaf] = value
   one = str(tmp_path / 'one')
   trainer.train(config, one)
 
@@ -98,6 +104,7 @@ def test_two_processes_match_one_with_four_devices(data_dir, cache_dir, tmp_path
                                  err_msg=f'{name} at step {step}')
   # Evaluation: every process extracted features for its rows and gathered them.
   assert len(got_eval) == len(expected_eval) == 1
+  assert 'eval/fine/text+image/mAP@1' in got_eval[0] and 'eval/clustering/text/NMI' in got_eval[0]
   for k, v in expected_eval[0].items():
     assert got_eval[0][k] == pytest.approx(v, abs=1e-6), k
   # One Grain iterator state per process in each checkpoint.

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from scale_jax import cli, evaluate, modalities, run_config
+from scale_jax.data import pipeline
+from scale_jax.evaluators import features
 from scale_jax.train import train
 
 
@@ -22,11 +24,11 @@ def trained(data_dir, tmp_path_factory):
   config.mesh.update(data=2, fsdp=2)
   workdir = str(tmp_path_factory.mktemp('run'))
   config.total_steps = 2
-  config.eval.every = 2
+  config.evals.coarse.every = 2
   config.profile.update(start=1, steps=1)
   train(config, workdir)
   config.total_steps = 4
-  config.eval.every = 0
+  config.evals.coarse.every = 0
   config.profile.steps = 0
   state = train(config, workdir)
   return config, workdir, state
@@ -45,8 +47,13 @@ def test_metrics_and_checkpoints(trained):
                 *(modalities.get(m).objective for m in modalities.MODALITIES)):
       assert np.isfinite(r[key]), key
   eval_rows = [r for r in rows if 'loss' not in r]
-  assert [r['step'] for r in eval_rows] == [2]
-  assert set(eval_rows[0]) == {'step', 'eval/mAP@1', 'eval/mAP@5', 'eval/mAP@10', 'eval/probe_acc'}
+  assert [r['step'] for r in eval_rows] == [2]  # evals.coarse.every=2, on the validation split
+  combos = [features.name(c) for c in features.combinations(config)]
+  assert set(eval_rows[0]) == {'step'} | {
+      f'eval/coarse/{c}/{m}' for c in combos
+      for m in ('mAP@1', 'mAP@5', 'mAP@10', 'Prec@1', 'Prec@5', 'Prec@10', 'queries')}
+  validation = pipeline.usable_rows(config, 'validation')
+  assert eval_rows[0]['eval/coarse/text+table+image+video+audio/queries'] <= len(validation)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
   assert any(f.startswith('events') for f in os.listdir(os.path.join(workdir, 'tensorboard')))
   traces = [f for _, _, files in os.walk(os.path.join(workdir, 'tensorboard', 'plugins', 'profile'))
@@ -62,15 +69,22 @@ def test_evaluate_reads_the_runs_own_config(trained):
   assert cli.with_saved_config(['evaluate', '--workdir', workdir]) == [
       'evaluate', f'--config={run_config.__file__}:{workdir}', '--workdir', workdir]
   subprocess.run([sys.executable, '-m', 'scale_jax.evaluate', '--workdir', workdir,
-                  '--config.eval.probe_steps=20'], check=True, capture_output=True, text=True)
-  with open(os.path.join(workdir, 'eval.json'), encoding='utf-8') as f:
+                  '--random-init', '--evals=coarse,probe,finetune', '--config.evals.probe.steps=20',
+                  '--config.evals.finetune.steps=2', "--config.eval.combinations=('text', 'all')"],
+                 check=True, capture_output=True, text=True)
+  with open(os.path.join(workdir, 'eval', 'step_4.json'), encoding='utf-8') as f:
     results = json.load(f)
-  assert list(results) == ['random init', 'pretrained (step 4)']
-  for metrics in results.values():
-    assert set(metrics) == {'mAP@1', 'mAP@5', 'mAP@10', 'probe acc'}
-    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+  assert list(results) == ['pretrained (step 4)', 'random init']
+  every = 'text+table+image+video+audio'
+  for rows in results.values():
+    assert list(rows) == ['coarse', 'probe', 'finetune']
+    assert list(rows['coarse']) == list(rows['probe']) == ['text', every]
+    assert list(rows['finetune']) == [every]  # its own combinations: ('all',)
+    assert 0 <= rows['probe']['text']['accuracy'] <= 1
   assert results['random init'] != results['pretrained (step 4)']
-  assert 'mAP@10' in evaluate.format_table(results)
+  with open(os.path.join(workdir, 'eval', 'step_4.md'), encoding='utf-8') as f:
+    table = f.read()
+  assert '| text | random init |' in table and f'| {every} | pretrained (step 4) |' in table
 
 
 def test_a_config_that_does_not_fit_the_checkpoint_names_the_field(trained):
@@ -82,36 +96,3 @@ def test_a_config_that_does_not_fit_the_checkpoint_names_the_field(trained):
   message = str(e.value)
   assert 'patch_heads_image' in message and 'loss.mrm: 1.0 -> 0.0' in message
   assert 'leave out --config' in message
-
-
-def test_retrieval_map_by_hand():
-  # Query 0's neighbours by similarity: 2 (same label), 1 (other), 3 (same).
-  features = np.array([[1.0, 0.0], [0.6, 0.8], [0.9, 0.436], [0.0, 1.0]])
-  labels = np.array([0, 1, 0, 0])
-  sims = features @ features.T
-  np.fill_diagonal(sims, -np.inf)
-  assert list(np.argsort(-sims[0])) == [2, 1, 3, 0]
-  got = evaluate.retrieval_map(features, labels, ks=(1, 3))
-  # Query 0: hits at ranks 1 and 3 -> AP@3 = (1/1 + 2/3) / 2; AP@1 = 1.
-  ap0_3 = (1 + 2 / 3) / 2
-  ranks = [list(np.argsort(-sims[q])) for q in range(4)]
-  ap = []
-  for q in range(4):
-    rel = [labels[j] == labels[q] for j in ranks[q][:3]]
-    hits = [sum(rel[:i + 1]) / (i + 1) for i in range(3) if rel[i]]
-    ap.append(np.mean(hits) if hits else 0.0)
-  assert ap[0] == pytest.approx(ap0_3)
-  assert got['mAP@3'] == pytest.approx(np.mean(ap))
-  assert got['mAP@1'] == pytest.approx(np.mean([labels[r[0]] == labels[q]
-                                                for q, r in enumerate(ranks)]))
-
-
-def test_linear_probe_separates_separable_data():
-  rng = np.random.default_rng(0)
-  centres = rng.normal(size=(3, 8)) * 3
-  y = rng.integers(0, 3, 300)
-  x = centres[y] + rng.normal(size=(300, 8))
-  acc = evaluate.linear_probe(x[:200], y[:200], x[200:], y[200:], steps=200, lr=0.05)
-  assert acc > 0.9
-  shuffled = evaluate.linear_probe(x[:200], rng.permutation(y[:200]), x[200:], y[200:], 200, 0.05)
-  assert shuffled < 0.6

@@ -26,6 +26,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from configs import tiny
 from scale_jax import cli, sharding
+from scale_jax import state as run_state
 from scale_jax import train as trainer
 from scale_jax.data import pipeline
 
@@ -100,7 +101,7 @@ def test_schedule_warms_up_then_decays(config):
   config.total_steps = 110
   for decay, end in (('cosine', 1e-5), ('linear', 0.0)):
     config.optimizer.decay = decay
-    _, schedule = trainer.make_optimizer(config)
+    _, schedule = run_state.make_optimizer(config)
     assert float(schedule(0)) == 0.0
     assert float(schedule(5)) == pytest.approx(5e-4)
     assert float(schedule(10)) == pytest.approx(1e-3)
@@ -111,7 +112,7 @@ def test_weight_decay_mask_and_lr_multipliers(config):
   config.optimizer.update(lr=0.1, warmup_steps=0, weight_decay=0.5, clip_norm=1e9,
                           lr_multipliers=((r'^encoders_text/', 0.1), (r'^joint/', 0.0),
                                           (r'^encoders_text/', 7.0)))  # first match wins
-  tx, _ = trainer.make_optimizer(config)
+  tx, _ = run_state.make_optimizer(config)
   layer = lambda: {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2), 'scale': jnp.ones(2)}
   params = {'encoders_text': {'mlp_in': layer()}, 'encoders_image': {'mlp_in': layer()},
             'joint': {'mlp_in': layer()}, 'token_embed': {'embedding': jnp.ones((3, 2))}}
@@ -130,7 +131,7 @@ def test_weight_decay_mask_and_lr_multipliers(config):
   grads = jax.tree.map(jnp.ones_like, params)
   no_decay = config.copy_and_resolve_references()
   no_decay.optimizer.weight_decay = 0.0
-  tx, _ = trainer.make_optimizer(no_decay)
+  tx, _ = run_state.make_optimizer(no_decay)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert np.allclose(updates['encoders_image']['mlp_in']['bias'], -0.1, rtol=1e-4)
   assert np.allclose(updates['encoders_text']['mlp_in']['bias'], -0.01, rtol=1e-4)
@@ -193,7 +194,7 @@ def test_microbatches_keep_row_order():
 
 def test_keeps_the_latest_n_plus_every_kth(config, tmp_path):
   config.update(checkpoint_keep=2, checkpoint_keep_every=4)
-  manager = trainer.checkpoint_manager(str(tmp_path), config)
+  manager = run_state.checkpoint_manager(str(tmp_path), config)
   for step in range(1, 11):
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({'x': np.ones(2)})))
   manager.wait_until_finished()
@@ -207,7 +208,7 @@ def test_checkpoint_restores_onto_another_mesh(reference, data_dir, mesh):
   config = tiny_config(data_dir, **{f'mesh.{k}': v for k, v in mesh.items()})
   new_mesh = sharding.make_mesh(config.mesh)
   setup = trainer.build_train_setup(config, new_mesh)
-  manager = trainer.checkpoint_manager(workdir, config)
+  manager = run_state.checkpoint_manager(workdir, config)
   state = manager.restore(12, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(setup.abstract_state))).state
   manager.close()
@@ -309,7 +310,7 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(data_dir, ca
   assert finalized_steps(workdir) == [s for s in (good - 3, good) if s > 0][-2:]
   assert max(read_metrics(workdir)) == bad_step - 1  # the bad step's metrics are not written
   setup = trainer.build_train_setup(config, sharding.make_mesh(config.mesh))
-  manager = trainer.checkpoint_manager(workdir, config)
+  manager = run_state.checkpoint_manager(workdir, config)
   state = manager.restore(good, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(setup.abstract_state))).state
   manager.close()

@@ -38,6 +38,11 @@ def open_split(data_dir: str, split: str):
   return tfds.builder_from_directory(path).as_data_source(split=split)
 
 
+def splits(data_dir: str) -> tuple:
+  """The splits a dataset has (the validation split is optional)."""
+  return tuple(tfds.builder_from_directory(build.dataset_dir(data_dir)).info.splits)
+
+
 def vocab_size(data_dir: str) -> int:
   return tokenizer.load_tokenizer(build.tokenizer_path(data_dir)).vocab_size()
 
@@ -234,11 +239,28 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1) -> gra
   return ds
 
 
-def eval_batches(config, split: str, batch_size: int):
+def eval_rows(config, split: str, max_products: int = 0, seed: int = 0) -> np.ndarray:
+  """The records of a split that evaluation reads, in record order: the usable ones (see
+  usable_rows), or a seeded sample of max_products of them (0: all)."""
+  rows = usable_rows(config, split)
+  if 0 < max_products < len(rows):
+    rows = np.sort(np.random.default_rng(seed).choice(rows, max_products, replace=False))
+  return rows
+
+
+def item_ids(config, split: str, rows) -> list:
+  """The item ids of records `rows` of a split (reads the records)."""
+  source = open_split(config.data.dir, split)
+  return [_item_id(source[int(i)]) for i in rows]
+
+
+def eval_batches(config, split: str, batch_size: int, rows=None):
   """One pass over a split without masks: yields (batch, number of real examples); the last
-  batch is padded to batch_size (padding has present all False) so every batch has one shape."""
+  batch is padded to batch_size (padding has present all False) so every batch has one shape.
+  `rows`: the records to read, in that order (default: eval_rows(config, split))."""
   cfg = _plain(config)
-  source = Rows(open_split(config.data.dir, split), usable_rows(config, split))
+  rows = eval_rows(config, split) if rows is None else rows
+  source = Rows(open_split(config.data.dir, split), rows)
   ds = grain.MapDataset.source(source).map(Preprocess(cfg)).batch(batch_size)
   for batch in ds.to_iter_dataset(_read_options(config, batch_size)):
     batch = _drop_mask_keys(batch, cfg['modalities'])

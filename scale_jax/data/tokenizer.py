@@ -6,7 +6,7 @@ import sentencepiece as spm
 import tqdm
 
 # The ids train_tokenizer fixes; defined beside the token modalities that use them.
-from scale_jax.modalities.base import CLS, MASK, PAD, SEP, SPECIAL_IDS, UNK  # pylint: disable=unused-import
+from scale_jax.modalities.base import CLS, MASK, PAD, SEP, SPECIAL_IDS, UNK  # pylint: disable=W0611
 
 
 def train_tokenizer(sentences: list, model_path: str, vocab_size: int,

@@ -1,6 +1,8 @@
 """Clustering of product features: k-means, and the NMI and purity of a clustering."""
 import numpy as np
 
+from scale_jax.evaluators import base
+
 # Most point-to-centre distances held at once in k-means (a block of rows x k).
 _MAX_ELEMENTS = 1 << 22
 
@@ -148,3 +150,27 @@ def purity(true, pred) -> float:
     return 1.0
   starts = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])  # cells are grouped by cluster
   return float(np.maximum.reduceat(counts, starts).sum() / p_sizes.sum())
+
+
+class Evaluator(base.Evaluator):
+  """k-means on the evaluated split's product features, k = the number of categories among
+  them; NMI and purity against the categories, for every combination."""
+
+  def __init__(self, name, config, restarts=3, iters=100, every=0, combinations=None):
+    super().__init__(name, config, every, combinations)
+    self.seed, self.restarts, self.iters = config.seed, restarts, iters
+
+  def describe(self):
+    return 'k-means clustering, k = the number of categories; NMI and purity'
+
+  def __call__(self, context):
+    f = context.features()
+    out = {}
+    for combo in self.combination_names():
+      chosen = f.has[combo]
+      labels = f.labels[chosen]
+      k = len(np.unique(labels))
+      pred = kmeans(f.features[combo][chosen], k, self.seed, self.iters, self.restarts)
+      out[combo] = {'NMI': nmi(labels, pred), 'purity': purity(labels, pred),
+                    'products': int(chosen.sum())}
+    return out

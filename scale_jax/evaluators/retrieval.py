@@ -5,6 +5,9 @@ here holds a full queries x gallery matrix: top_k works through blocks of query 
 """
 import numpy as np
 
+from scale_jax.data import pipeline
+from scale_jax.evaluators import base
+
 KS = (1, 5, 10)
 
 
@@ -144,3 +147,51 @@ def retrieve(features, keys, ks=KS, query_index=None, gallery_index=None,
   per_key = np.bincount(dense[gallery], minlength=int(dense.max(initial=-1)) + 1)
   num_relevant = per_key[dense[queries]] - (exclude >= 0)
   return retrieval_metrics(relevant, num_relevant, ks)
+
+
+class Evaluator(base.Evaluator):
+  """Coarse-grained (relevance='category') or fine-grained (relevance='instance') retrieval: each
+  product of the evaluated split a query against the others, for every combination.
+  `queries`, `gallery`: optional files of item ids, one per line (M5Product ships such lists),
+  restricting who asks and who may be found."""
+
+  def __init__(self, name, config, relevance='category', ks=(1, 5, 10), queries='', gallery='',
+               every=0, combinations=None):
+    super().__init__(name, config, every, combinations)
+    if relevance not in ('category', 'instance'):
+      raise ValueError(f"config.evals.{name}.relevance={relevance!r}: 'category' (coarse) or "
+                       f"'instance' (fine-grained)")
+    self.config, self.relevance, self.ks = config, relevance, tuple(ks)
+    self.id_files = {'queries': queries, 'gallery': gallery}
+
+  def describe(self):
+    grain = 'coarse' if self.relevance == 'category' else 'fine'
+    return (f'{grain}-grained retrieval, relevant = same {self.relevance}; mAP@k and Prec@k over '
+            f'the top {max(self.ks)}, the query excluded; queries without a relevant product '
+            f'left out')
+
+  def _id_rows(self, f, chosen):
+    """Positions (within `chosen`) of the listed item ids, per list; None where none is given."""
+    if not any(self.id_files.values()):
+      return {'queries': None, 'gallery': None}
+    ids = np.asarray(pipeline.item_ids(self.config, f.split, f.rows[chosen]))
+    out = {}
+    for which, path in self.id_files.items():
+      if not path:
+        out[which] = None
+        continue
+      with open(path, encoding='utf-8') as fh:
+        listed = {line.strip() for line in fh if line.strip()}
+      out[which] = np.flatnonzero(np.isin(ids, list(listed)))
+    return out
+
+  def __call__(self, context):
+    f = context.features()
+    keys = f.labels if self.relevance == 'category' else f.instances
+    out = {}
+    for combo in self.combination_names():
+      chosen = np.flatnonzero(f.has[combo])
+      lists = self._id_rows(f, chosen)
+      out[combo] = retrieve(f.features[combo][chosen], keys[chosen], self.ks,
+                            query_index=lists['queries'], gallery_index=lists['gallery'])
+    return out

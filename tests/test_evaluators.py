@@ -1,0 +1,102 @@
+"""Evaluators by name over modality combinations: the features of each protocol, the rows and
+tables they report, and fine-tuning against the linear probe."""
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from scale_jax import evaluators, sharding, state
+from scale_jax.data import build
+from scale_jax.evaluators import features
+
+
+@pytest.fixture(scope='module')
+def setup(data_dir):
+  config = tiny.get_config()
+  config.data.dir = data_dir
+  config.eval.combinations = ('text', 'image', 'text+image', 'all')
+  mesh = sharding.make_mesh(config.mesh)
+  model = state.build_model(config)
+  tx, _ = state.make_optimizer(config)
+  init, _ = state.sharded_state_init(model, tx, config, mesh)
+  params = init(jax.random.key(0)).params
+  return config, mesh, model, params
+
+
+def _extract(setup, split='test', **eval_fields):
+  config, mesh, model, params = setup
+  config = config.copy_and_resolve_references()
+  config.eval.update(eval_fields)
+  extractor = features.FeatureExtractor(model, config, mesh)
+  return extractor(params, split, features.combinations(config))
+
+
+def test_combinations_follow_the_runs_modalities(setup):
+  config = setup[0].copy_and_resolve_references()
+  names = [features.name(c) for c in features.combinations(config)]
+  assert names == ['text', 'image', 'text+image', 'text+table+image+video+audio']
+  config.modalities = ('text', 'image')
+  assert [features.name(c) for c in features.combinations(config)] == [
+      'text', 'image', 'text+image']  # 'all' is now text+image: no duplicate row
+  with pytest.raises(ValueError, match="'txt'"):
+    features.combinations(config, ['txt+image'])
+
+
+def test_features_of_each_protocol(setup):
+  only = _extract(setup, protocol='only')
+  full = _extract(setup, protocol='full')
+  present, _ = build.load_presence(setup[0].data.dir, 'test')
+  np.testing.assert_array_equal(only.has['image'], present[only.rows, 2])
+  np.testing.assert_array_equal(only.has['text+image'], present[only.rows][:, [0, 2]].any(1))
+  every = 'text+table+image+video+audio'
+  np.testing.assert_allclose(only.features[every], full.features[every], atol=1e-5)
+  # A fused text vector computed from all modalities has seen the others; from text alone not.
+  both = only.has['text'] & present[only.rows, 2]
+  assert np.abs(only.features['text'][both] - full.features['text'][both]).max() > 1e-3
+  # The pre-fusion embeddings z of one modality never see the others: the protocols agree.
+  z_only, z_full = _extract(setup, protocol='only', feature='z'), _extract(
+      setup, protocol='full', feature='z')
+  np.testing.assert_allclose(z_only.features['text'], z_full.features['text'], atol=1e-5)
+  summed = _extract(setup, pooling='sum')
+  norms = np.linalg.norm(summed.features['text+image'], axis=1, keepdims=True)
+  has = summed.has['text+image']
+  np.testing.assert_allclose(summed.features['text+image'][has] / norms[has],
+                             only.features['text+image'][has], atol=1e-5)
+  assert not summed.features['text+image'][~has].any()
+
+
+def test_evaluators_by_name_report_a_row_per_combination(setup):
+  config, mesh, model, params = setup
+  chosen = evaluators.from_config(config, ['coarse', 'fine', 'probe', 'clustering'])
+  extractor = features.FeatureExtractor(model, config, mesh)
+  results = evaluators.evaluate(chosen, extractor, params, 'test')
+  rows = ['text', 'image', 'text+image', 'text+table+image+video+audio']
+  for name in chosen:
+    assert list(results[name]) == rows
+  assert set(results['coarse']['text']) == {'mAP@1', 'mAP@5', 'mAP@10', 'Prec@1', 'Prec@5',
+                                            'Prec@10', 'queries'}
+  assert results['coarse']['text']['mAP@1'] == results['coarse']['text']['Prec@1']
+  assert set(results['clustering']['image']) == {'NMI', 'purity', 'products'}
+  assert 0 <= results['probe']['text+image']['accuracy'] <= 1
+  flat = evaluators.flat(results)
+  assert flat['eval/fine/text+image/mAP@5'] == results['fine']['text+image']['mAP@5']
+  table = evaluators.tables({'pretrained': results, 'random init': results}, chosen)
+  assert table.count('| text+image | pretrained |') == 4
+  assert '### coarse: coarse-grained retrieval' in table
+  with pytest.raises(ValueError, match="no evaluator 'nope'"):
+    evaluators.from_config(config, ['nope'])
+
+
+def test_finetuning_beats_the_linear_probe_on_random_features(setup):
+  """At random initialisation frozen features are poor; training the encoders with the head
+  on the train split learns the categories."""
+  config, mesh, model, params = setup
+  config = config.copy_and_resolve_references()
+  config.eval.combinations = ('all',)
+  config.evals.finetune.update(steps=20, lr=1e-3)
+  config.evals.probe.steps = 200
+  chosen = evaluators.from_config(config, ['probe', 'finetune'])
+  results = evaluators.evaluate(chosen, features.FeatureExtractor(model, config, mesh), params,
+                                'test')
+  every = 'text+table+image+video+audio'
+  assert results['finetune'][every]['accuracy'] > results['probe'][every]['accuracy'] + 0.1
