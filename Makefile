@@ -21,7 +21,7 @@ demo: install
 	$(PY) -m scale_jax.data.build --raw $(DEMO)/raw --out $(DEMO)/data
 	$(PY) -m scale_jax.train --config configs/demo.py --workdir $(DEMO)/run \
 	    --config.data.dir=$(DEMO)/data
-	$(PY) -m scale_jax.evaluate --workdir $(DEMO)/run
+	$(PY) -m scale_jax.evaluate --workdir $(DEMO)/run --random-init
 
 test: install
 	$(PY) -m pytest -q tests

@@ -1,7 +1,7 @@
 r"""A pod-scale SCALE, ViT-L class towers: 12-layer per-modality encoders and a 12-layer joint
 co-transformer, width 1024, 16 heads; images at 224 px in 16 px patches (196 + 1 tokens).
 
-    launch/tpu_pod.sh configs/large.py gs://BUCKET/runs/large --config.data.dir=/mnt/m5p
+    launch/tpu_vm.sh run configs/large.py gs://BUCKET/runs/large --config.data.dir=/mnt/m5p
 
 Parameters and Adam moments are sharded over all devices (FSDP), blocks rematerialised and scanned.
 Check memory per device before booking a pod (CPU compiler's figures, minutes to compile):

@@ -1,12 +1,15 @@
 """Evaluators by name over modality combinations: the features of each protocol, the rows and
 tables they report, and fine-tuning against the linear probe."""
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 
 from configs import tiny
 from scale_jax import evaluators, sharding, state
-from scale_jax.data import build
+from scale_jax.data import build, pipeline
 from scale_jax.evaluators import features
 
 
@@ -100,3 +103,32 @@ def test_finetuning_beats_the_linear_probe_on_random_features(setup):
                                 'test')
   every = 'text+table+image+video+audio'
   assert results['finetune'][every]['accuracy'] > results['probe'][every]['accuracy'] + 0.1
+
+
+def test_no_module_imports_the_trainer():
+  """`python -m scale_jax.train` runs train.py as __main__: a module it imports that imported
+  scale_jax.train again would execute the file twice (two TrainState classes)."""
+  code = ('import sys; import scale_jax.cli, scale_jax.config_check, scale_jax.evaluate, '
+          'scale_jax.evaluators, scale_jax.losses, scale_jax.model_info, scale_jax.run_config, '
+          'scale_jax.sharding, scale_jax.state, scale_jax.data.pipeline; '
+          'print("scale_jax.train" in sys.modules)')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == 'False'
+
+
+def test_query_and_gallery_lists_restrict_retrieval(setup, tmp_path):
+  config, mesh, model, params = setup
+  config = config.copy_and_resolve_references()
+  config.eval.combinations = ('text',)
+  extractor = features.FeatureExtractor(model, config, mesh)
+  coarse = lambda: evaluators.evaluate(evaluators.from_config(config, ['coarse']), extractor,
+                                       params, 'test')['coarse']['text']
+  everyone = coarse()
+  f = extractor(params, 'test', features.combinations(config))
+  ids = pipeline.item_ids(config, 'test', f.rows[f.has['text']])
+  (tmp_path / 'five.txt').write_text('\n'.join(ids[:5]) + '\n')
+  assert everyone['queries'] > 5
+  config.evals.coarse.queries = str(tmp_path / 'five.txt')  # only these five ask
+  assert 0 < coarse()['queries'] <= 5
+  config.evals.coarse.update(queries='', gallery=str(tmp_path / 'five.txt'))  # only they answer
+  assert coarse()['queries'] < everyone['queries']
