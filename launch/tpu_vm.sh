@@ -3,6 +3,7 @@
 # on every worker, start, follow, stop (SIGTERM: the trainer saves and exits 0) and delete.
 # `launch/tpu_vm.sh --help` for the commands and settings; --dry-run prints every command instead.
 set -euo pipefail
+# shellcheck disable=SC2016,SC2088  # $HOME, $pid, ~ in the workers' command strings expand there
 
 usage() {
   cat <<'EOF'

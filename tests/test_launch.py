@@ -136,10 +136,10 @@ def test_setup_copies_this_checkout_and_installs_the_extra():
   assert {'--zone=us-west4-a', '--project=proj-1', '--worker=all'} <= set(scp)
   assert rm == ['rm', '-f', bundle]
   ssh_target(ssh)
-  words = shlex.split(worker_script(ssh))
-  assert 'python3.11' in words
-  assert ['.venv/bin/python', '-m', 'pip', 'install', '-q', '-e', '.[tpu]'] == words[
-      words.index('-e') - 5:words.index('-e') + 2]
+  script = worker_script(ssh)
+  assert 'python3.11 -m venv .venv;' in script
+  assert ".venv/bin/python -m pip install -q -e '.[tpu]';" in script
+  assert 'git fetch -q "$HOME"/scale_jax.bundle HEAD;' in script
 
 
 def test_setup_from_a_url_at_a_ref_with_other_extras():
@@ -257,7 +257,7 @@ def test_setup_script_installs_and_updates(tmp_path, source):
   checkout = home / 'work' / 'scale_jax'
   assert (checkout / 'old.py').exists() and (checkout / '.venv' / 'bin' / 'python').exists()
   calls = (home / 'calls.log').read_text().splitlines()
-  assert calls == [f'{home}|-m venv .venv', f'{checkout}|-m pip install -q --upgrade pip',
+  assert calls == [f'{checkout}|-m venv .venv', f'{checkout}|-m pip install -q --upgrade pip',
                    f'{checkout}|-m pip install -q -e .[tpu]']
   # A new commit: tracked files follow it, the venv stays (not made again).
   git('rm', '-q', 'old.py', cwd=src)
@@ -343,7 +343,7 @@ def test_sbatch_dry_run_srun_command(tmp_path, nodelist, host):
   (argv,) = commands(result.stdout)
   assert argv[0] == 'srun' and '--ntasks-per-node=1' in argv
   task = argv[argv.index('bash'):]
-  assert task[3:] == [trainer, '-m', 'scale_jax.train', '--config', 'configs/large.py',
+  assert task[4:] == [trainer, '-m', 'scale_jax.train', '--config', 'configs/large.py',
                       '--workdir', 'gs://bkt/runs/r1', f'--coordinator_address={host}:20123',
                       '--num_processes=2', TRICKY]
   # What each task runs: its own process id (read in the task, not in the batch script).
