@@ -30,8 +30,8 @@ def compile_step(config):
   mesh = sharding.make_mesh(config.mesh)
   setup = build_train_setup(config, mesh)  # the trainer's own step, built the trainer's way
   state = setup.init(jax.random.key(0))
-  batch = jax.device_put(modalities.random_batch(config, config.batch_size, np.random.default_rng(0)),
-                         setup.batch_shardings)
+  batch = modalities.random_batch(config, config.batch_size, np.random.default_rng(0))
+  batch = jax.device_put(batch, setup.batch_shardings)
   t = time.perf_counter()
   compiled = setup.train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
