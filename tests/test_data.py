@@ -178,11 +178,12 @@ def test_strict_stops_at_the_first_problem_naming_the_file(raw_dir, tmp_path, ki
 def test_rebuild_gives_the_same_dataset(raw_dir, data_dir, tmp_path):
   out = tmp_path / 'again'
   shutil.copytree(data_dir, out)
-  build.build(raw_dir, str(out), vocab_size=400, progress=False)
-  build.build(raw_dir, str(out), vocab_size=400, progress=False)  # over its own output
+  fractions = dict(test_fraction=0.2, val_fraction=0.2)  # as tests/conftest.py builds data_dir
+  build.build(raw_dir, str(out), vocab_size=400, progress=False, **fractions)
+  build.build(raw_dir, str(out), vocab_size=400, progress=False, **fractions)  # over itself
   with open(build.tokenizer_path(data_dir), 'rb') as a, open(build.tokenizer_path(out), 'rb') as b:
     assert a.read() == b.read()
-  for split in ('train', 'test'):
+  for split in ('train', 'validation', 'test'):
     first, second = pipeline.open_split(data_dir, split), pipeline.open_split(str(out), split)
     assert len(first) == len(second)
     for i in range(len(first)):
@@ -290,12 +291,12 @@ def test_log_mel_peaks_at_the_tone():
 
 
 def test_dataset_splits_and_tokenizer(data_dir):
-  train, test = pipeline.open_split(data_dir, 'train'), pipeline.open_split(data_dir, 'test')
-  assert len(train) + len(test) == 96 and len(test) > 0
-  ids = {train[i]['item_id'] for i in range(len(train))}
-  assert not ids & {test[i]['item_id'] for i in range(len(test))}
+  splits = {s: pipeline.open_split(data_dir, s) for s in ('train', 'validation', 'test')}
+  assert sum(map(len, splits.values())) == 96 and all(map(len, splits.values()))
+  ids = [{source[i]['item_id'] for i in range(len(source))} for source in splits.values()]
+  assert sum(map(len, ids)) == len(set.union(*ids))  # no product in two splits
   tok = tokenizer.load_tokenizer(build.tokenizer_path(data_dir))
-  ex = train[0]
+  ex = splits['train'][0]
   assert tok.decode(ex['caption_tokens'].tolist())  # round-trips to text
 
 
