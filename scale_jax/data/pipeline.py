@@ -96,18 +96,18 @@ class Rows:
     return self.source[int(self.indices[index])]
 
 
-def usable_rows(config, split: str) -> np.ndarray:
-  """Indices of the split's products that carry at least one of the config's modalities (in the
-  form the config reads); the others are logged and left out of the run."""
+def usable_rows(config, split: str, complete: bool = False) -> np.ndarray:
+  """Indices of the split's products that carry at least one of the config's modalities (with
+  `complete`, all of them), in the form the config reads; the others are logged and left out."""
   present, features_present = build.load_presence(config.data.dir, split)
   names = modalities.active(config)
-  has = np.zeros(len(present), bool)
-  for m in names:
-    stored = features_present if modalities.get(m).reads_features(config[m]) else present
-    has |= stored[:, modalities.MODALITIES.index(m)]
+  columns = np.stack([(features_present if modalities.get(m).reads_features(config[m])
+                       else present)[:, modalities.MODALITIES.index(m)] for m in names], 1)
+  has = columns.all(1) if complete else columns.any(1)
   if not has.all():
-    logging.warning('%s split: left out %d of %d products that have none of %s', split,
-                    int((~has).sum()), len(has), ', '.join(names))
+    logging.warning('%s split: left out %d of %d products that have %s of %s', split,
+                    int((~has).sum()), len(has), 'not all' if complete else 'none',
+                    ', '.join(names))
   if not has.any():
     raise ValueError(f'{config.data.dir}: no {split} product has any of config.modalities='
                      f'{names}')
@@ -223,7 +223,8 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1) -> gra
     raise ValueError(f'batch_size {config.batch_size} does not split over {process_count} '
                      'processes')
   local_batch = config.batch_size // process_count
-  source = Rows(open_split(config.data.dir, 'train'), usable_rows(config, 'train'))
+  rows = usable_rows(config, 'train', complete=config.data.complete_only)
+  source = Rows(open_split(config.data.dir, 'train'), rows)
   cfg = _plain(config)
   decoded = DecodedSource(source, Preprocess(cfg), config.data.cache_mb << 20)
   ds = grain.MapDataset.source(decoded).shuffle(seed=config.seed).repeat()

@@ -181,8 +181,36 @@ def _present_modalities(rng):
   return [m in keep for m in range(n)]
 
 
-def write_catalogue(out, num_products, seed, mismatch_rate=0.05, progress=True):
-  """Writes DIR/manifest.jsonl and the media files under DIR/{images,videos,audio}."""
+def _noise(field, rng):
+  """Content for a modality that carries nothing: neither category nor instance (the noise
+  study of the ablations: is a useless modality down-weighted?)."""
+  if field == 'caption':
+    return ' '.join(rng.choice(_FILLER, rng.integers(6, 11)))
+  if field == 'tabular':
+    keys = rng.choice(list(_NUISANCE_TABLE), rng.integers(2, 5), replace=False)
+    return '#;#'.join(f'{k}#:#{rng.choice(_NUISANCE_TABLE[k])}' for k in keys)
+  if field == 'image':
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)).save(
+        buf, format='JPEG', quality=90)
+    return buf.getvalue()
+  if field == 'video':
+    return encode_mp4(rng.integers(0, 256, (VIDEO_FRAMES, VIDEO_SIZE, VIDEO_SIZE, 3),
+                                   dtype=np.uint8), VIDEO_FPS)
+  buf = io.BytesIO()
+  soundfile.write(buf, rng.normal(0, 0.2, int(AUDIO_RATE * AUDIO_SECONDS)).astype(np.float32),
+                  AUDIO_RATE, format='WAV', subtype='PCM_16')
+  return buf.getvalue()
+
+
+def write_catalogue(out, num_products, seed, mismatch_rate=0.05, progress=True,
+                    noise_modality=None):
+  """Writes DIR/manifest.jsonl and the media files under DIR/{images,videos,audio}.
+
+  noise_modality (a field of MODALITY_FIELDS): the same catalogue, product for product, with
+  that modality replaced by noise that carries neither category nor instance."""
+  if noise_modality is not None and noise_modality not in MODALITY_FIELDS:
+    raise ValueError(f'noise_modality={noise_modality!r}: one of {", ".join(MODALITY_FIELDS)}')
   listings, groups, num_categories = make_catalogue(num_products, seed)
   for sub in ('images', 'videos', 'audio'):
     os.makedirs(os.path.join(out, sub), exist_ok=True)
@@ -198,11 +226,17 @@ def write_catalogue(out, num_products, seed, mismatch_rate=0.05, progress=True):
       record = {'item_id': item_id, 'caption': caption, 'tabular': _table(inst, groups, rng),
                 'image': None, 'video': None, 'audio': None,
                 'label': inst.category, 'instance_id': inst.index}
-      for field, make, ext in (('image', _image, 'images/{}.jpg'), ('video', _video, 'videos/{}.mp4'),
+      # The noise has a stream of its own: every other modality is the clean catalogue's.
+      noise_rng = np.random.default_rng([seed, 7, i])
+      if noise_modality in ('caption', 'tabular'):
+        record[noise_modality] = _noise(noise_modality, noise_rng)
+      for field, make, ext in (('image', _image, 'images/{}.jpg'),
+                               ('video', _video, 'videos/{}.mp4'),
                                ('audio', _audio, 'audio/{}.wav')):
         rel = ext.format(item_id)
+        data = make(inst, groups, rng)
         with open(os.path.join(out, rel), 'wb') as f:
-          f.write(make(inst, groups, rng))
+          f.write(_noise(field, noise_rng) if field == noise_modality else data)
         record[field] = rel
       for field, keep in zip(MODALITY_FIELDS, present):
         if not keep:
@@ -216,8 +250,11 @@ def main(argv=None):
   parser.add_argument('--out', required=True, help='directory to write the raw layout into')
   parser.add_argument('--num-products', type=int, default=3000)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--noise-modality', choices=MODALITY_FIELDS, default=None,
+                      help='replace this modality by noise (the same products otherwise)')
   args = parser.parse_args(argv)
-  num_categories = write_catalogue(args.out, args.num_products, args.seed)
+  num_categories = write_catalogue(args.out, args.num_products, args.seed,
+                                   noise_modality=args.noise_modality)
   print(f'wrote {args.num_products} products in {num_categories} categories to {args.out}')
 
 
