@@ -44,3 +44,23 @@ def test_each_modality_carries_part_of_the_category():
     assert len(set(groups[m])) == synthetic.GROUPS < num_categories
   combined = {tuple(groups[:, c]) for c in range(num_categories)}  # ...all of them together less
   assert len(combined) > synthetic.GROUPS
+
+
+def test_noise_modality_changes_that_modality_only(tmp_path):
+  clean, noisy = tmp_path / 'clean', tmp_path / 'noisy'
+  synthetic.write_catalogue(str(clean), num_products=12, seed=3, progress=False)
+  synthetic.write_catalogue(str(noisy), num_products=12, seed=3, progress=False,
+                            noise_modality='image')
+  a = (clean / 'manifest.jsonl').read_text(encoding='utf-8')
+  assert a == (noisy / 'manifest.jsonl').read_text(encoding='utf-8')  # same products, same paths
+  for sub in ('videos', 'audio'):
+    for f in (clean / sub).iterdir():
+      assert f.read_bytes() == (noisy / sub / f.name).read_bytes()
+  changed = [f.name for f in (clean / 'images').iterdir()
+             if f.read_bytes() != (noisy / 'images' / f.name).read_bytes()]
+  assert len(changed) == 12
+  synthetic.write_catalogue(str(tmp_path / 'text'), num_products=12, seed=3, progress=False,
+                            noise_modality='caption')
+  captions = [json.loads(line)['caption']
+              for line in (tmp_path / 'text' / 'manifest.jsonl').read_text().splitlines()]
+  assert not any(c and 'brand' in c for c in captions)  # the instance's brand word is gone
