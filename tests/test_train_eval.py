@@ -1,4 +1,5 @@
-"""The trainer and the evaluator end to end on the tiny config and 4 devices."""
+"""The trainer, the evaluation command and the Colab notebook end to end on the tiny config and
+4 devices."""
 import copy
 import json
 import os
@@ -96,3 +97,30 @@ def test_a_config_that_does_not_fit_the_checkpoint_names_the_field(trained):
   message = str(e.value)
   assert 'patch_heads_image' in message and 'loss.mrm: 1.0 -> 0.0' in message
   assert 'leave out --config' in message
+
+
+NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'notebooks',
+                        'evaluate_checkpoint.ipynb')
+
+
+def test_notebook_runs_and_draws(trained, monkeypatch, tmp_path):
+  """The Colab notebook, executed headless on the tiny run: its tables and figures."""
+  import nbclient  # pylint: disable=g-import-not-at-top  (test extras)
+  import nbformat  # pylint: disable=g-import-not-at-top
+  _, workdir, _ = trained
+  monkeypatch.setenv('SCALE_JAX_WORKDIR', workdir)
+  monkeypatch.setenv('SCALE_JAX_SOURCE', '')  # installed already
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
+                          resources={'metadata': {'path': str(tmp_path)}}).execute()
+  outputs = [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.outputs]
+  assert not [o for o in outputs if o.output_type == 'error']
+  tables = ''.join(o.data.get('text/markdown', '') for o in outputs if 'data' in o)
+  for evaluator in ('coarse', 'fine', 'probe', 'finetune', 'clustering'):
+    assert f'### {evaluator}:' in tables
+  for combo in ('text', 'image', 'text+image', 'text+table+image+video+audio'):
+    assert f'| {combo} | random init |' in tables and f'| {combo} | pretrained (step 4) |' in tables
+  figures = [o for o in outputs if 'data' in o and 'image/png' in o.data]
+  assert len(figures) == 5  # metrics, weights heatmap, PCA, retrieval examples, training curves
+  with open(os.path.join(workdir, 'eval', 'step_4.json'), encoding='utf-8') as f:
+    assert list(json.load(f)) == ['pretrained (step 4)', 'random init']
