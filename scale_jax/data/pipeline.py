@@ -55,7 +55,7 @@ def _item_id(ex) -> str:
 def _stored_presence(ex, spec, c):
   """Whether the product has this modality in the form the config reads (media or features)."""
   i = modalities.MODALITIES.index(spec.name)
-  return bool(np.asarray(ex['features_present' if spec.reads_features(c) else 'present'])[i])
+  return bool(np.asarray(ex[spec.presence_field(c)])[i])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +99,10 @@ class Rows:
 def usable_rows(config, split: str, complete: bool = False) -> np.ndarray:
   """Indices of the split's products that carry at least one of the config's modalities (with
   `complete`, all of them), in the form the config reads; the others are logged and left out."""
-  present, features_present = build.load_presence(config.data.dir, split)
+  stored = dict(zip(('present', 'features_present'), build.load_presence(config.data.dir, split)))
   names = modalities.active(config)
-  columns = np.stack([(features_present if modalities.get(m).reads_features(config[m])
-                       else present)[:, modalities.MODALITIES.index(m)] for m in names], 1)
+  columns = np.stack([stored[modalities.get(m).presence_field(config[m])]
+                      [:, modalities.MODALITIES.index(m)] for m in names], 1)
   has = columns.all(1) if complete else columns.any(1)
   if not has.all():
     logging.warning('%s split: left out %d of %d products that have %s of %s', split,

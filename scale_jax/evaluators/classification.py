@@ -7,8 +7,8 @@ import optax
 import tqdm
 from flax import linen as nn
 
-from scale_jax import modalities, sharding
-from scale_jax.data import build, pipeline
+from scale_jax import modalities
+from scale_jax.data import build
 from scale_jax.evaluators import base, features
 
 
@@ -67,10 +67,12 @@ class FineTuner:
   the combination or absent (so one compiled step serves every combination); the inputs are
   restricted to the combination as config.eval.protocol says."""
 
-  def __init__(self, model, config, mesh, classes, steps, lr):
-    self.config, self.steps = config, steps
+  def __init__(self, extractor, classes, steps, lr):
+    """`extractor`: the evaluation's features.FeatureExtractor, whose model, config, mesh and
+    batches this uses."""
+    model, config = extractor.model, extractor.config
+    self.extractor, self.config, self.steps = extractor, config, steps
     self.names = modalities.active(config)
-    self.shardings = sharding.batch_sharding(mesh, modalities.dummy_batch(config, 1, train=False))
     self.head = Head(classes)
     self.tx = optax.adamw(lr, weight_decay=0.01)
     restrict_inputs = config.eval.protocol == 'only'
@@ -96,13 +98,15 @@ class FineTuner:
       predicted = jnp.argmax(logits(variables, batch, keep, jax.random.key(0), False), -1)
       return jnp.sum((predicted == batch['label']) & real)
 
-    self.mesh, self._step_fn, self._step, self._correct = mesh, step, None, correct
+    self._step_fn, self._step, self._correct = step, None, correct
 
   def _device_batches(self, split, rows):
-    put = lambda s, x: jax.make_array_from_process_local_data(s, x, x.shape)
-    for batch, n in pipeline.eval_batches(self.config, split, self.config.eval.batch_size, rows):
+    """(batch on the mesh, which of its rows are real products) of records `rows`."""
+    sharded_like_labels = self.extractor.shardings['label']
+    for batch, on_device, n in self.extractor.device_batches(split, rows):
       real = np.arange(len(batch['label'])) < n
-      yield jax.tree.map(put, self.shardings, batch), put(self.shardings['label'], real)
+      yield on_device, jax.make_array_from_process_local_data(sharded_like_labels, real,
+                                                              real.shape)
 
   def __call__(self, params, train_rows, split, test_rows, combination) -> float:
     """Accuracy on records `test_rows` of `split` after fine-tuning on the train split's
@@ -111,7 +115,7 @@ class FineTuner:
     keep = jnp.array([m in combination for m in self.names])
     width = len(self.names) * self.config.model.width
     head = self.head.init(jax.random.key(seed), jnp.zeros((1, width)), train=False)['params']
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    replicated = jax.sharding.NamedSharding(self.extractor.mesh, jax.sharding.PartitionSpec())
     on_mesh = lambda tree: jax.tree.map(  # fresh arrays (the head, Adam's count) replicated
         lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
         else jax.device_put(x, replicated), tree)
@@ -163,8 +167,7 @@ class Evaluator(base.Evaluator):
     test, train = context.features(), context.features('train')
     classes = len(build.load_categories(self.config.data.dir))
     if self.method == 'finetune' and self._finetuner is None:  # compiled once, used for every call
-      e = context.extractor
-      self._finetuner = FineTuner(e.model, self.config, e.mesh, classes, self.steps, self.lr)
+      self._finetuner = FineTuner(context.extractor, classes, self.steps, self.lr)
     out = {}
     for combo, combination in zip(self.combination_names(), self.combinations):
       fit, held = train.has[combo], test.has[combo]

@@ -106,11 +106,14 @@ class FeatureExtractor:
 
     self._vectors, self._pool, self._weight_sums = vectors, pool, weight_sums
 
-  def _batches(self, split, rows, what='features'):
+  def device_batches(self, split, rows, what=None):
+    """(host batch, the same on the mesh, real examples) of records `rows` of a split, in
+    config.eval.batch_size batches; `what` names a progress bar (None: no bar)."""
     size = self.config.eval.batch_size
     batches = pipeline.eval_batches(self.config, split, size, rows)
     for batch, n in tqdm.tqdm(batches, desc=f'{what}: {split}', total=-(-len(rows) // size),
-                              unit='batch', leave=False, disable=jax.process_index() != 0):
+                              unit='batch', leave=False,
+                              disable=what is None or jax.process_index() != 0):
       on_device = jax.tree.map(
           lambda s, x: jax.make_array_from_process_local_data(s, x, x.shape), self.shardings,
           batch)
@@ -132,7 +135,7 @@ class FeatureExtractor:
     everything = self._keep(self.names)
     feats, has = {name(c): [] for c in combos}, {name(c): [] for c in combos}
     labels, instances = [], []
-    for batch, on_device, n in self._batches(split, rows):
+    for batch, on_device, n in self.device_batches(split, rows, 'features'):
       if self.config.eval.protocol == 'full':
         v, present = self._vectors(params, on_device, everything)
       for c in combos:
@@ -153,7 +156,7 @@ class FeatureExtractor:
     both modalities of each entry (the diagonal weighs the masked objectives)."""
     rows = pipeline.eval_rows(self.config, split, max_products, self.config.seed)
     total, count = 0.0, 0
-    for _, on_device, _ in self._batches(split, rows, 'weights'):
+    for _, on_device, _ in self.device_batches(split, rows, 'weights'):
       s, c = self._weight_sums(params, on_device)
       total, count = total + self.gather(s), count + self.gather(c)
     return total / np.maximum(count, 1)

@@ -53,6 +53,11 @@ class Modality:
     """Whether the config reads pre-extracted features instead of the media."""
     return False
 
+  def presence_field(self, c) -> str:
+    """The stored presence field (bool per modality) that says whether a product has this
+    modality in the form the config reads."""
+    return 'features_present' if self.reads_features(c) else 'present'
+
   def positions(self, c) -> int:
     """Input positions per example ({name}_input's second axis)."""
     raise NotImplementedError
