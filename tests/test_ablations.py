@@ -16,14 +16,19 @@ def test_ablations_write_tables_plots_and_readings(data_dir, tmp_path):
   for row in ('| SCALE |', '| SCALE, random init |', '| whole-entity MEM |',
               '| sub-word masking |'):
     assert row in text
-  assert '| run | coarse mAP@1 | probe accuracy | clustering NMI |' in text
-  assert text.count('Reading: ') == 2 and '4 steps x batch 8' in text
-  for png in ('pretraining.png', 'mem.png'):
+  assert ('| run | coarse mAP@1 | across mAP@1 | fine mAP@1 | probe accuracy | clustering NMI |'
+          in text)
+  assert text.count('Reading:') == 2 and '4 steps x batch 8' in text
+  assert '- probe accuracy: whole-entity MEM' in text
+  for png in ('pretraining.png', 'mem.png', 'losses.png'):
     assert os.path.getsize(tmp_path / 'docs' / 'results' / png) > 1000
   # SCALE with all five at seed 0 is both studies' reference: trained once.
   runs = os.listdir(tmp_path / 'ablations' / 'runs')
   assert len(runs) == 2
   mtimes = {r: os.path.getmtime(tmp_path / 'ablations' / 'runs' / r / 'eval') for r in runs}
+  with open(results, 'a', encoding='utf-8') as f:
+    f.write('A note of the reader.\n')
   ablations.main(argv)  # everything cached: nothing trains or evaluates again
+  assert results.read_text(encoding='utf-8').endswith(ablations.NOTES + '\nA note of the reader.\n')
   assert mtimes == {r: os.path.getmtime(tmp_path / 'ablations' / 'runs' / r / 'eval')
                     for r in runs}

@@ -141,6 +141,27 @@ def test_retrieve_query_and_gallery_subsets_match_direct_computation():
   assert m == pytest.approx(want)
 
 
+def test_retrieve_across_instances_leaves_out_the_querys_own_product():
+  rng = np.random.default_rng(5)
+  n = 40
+  instances = rng.integers(0, 12, size=n)
+  labels = instances % 3  # an instance has one category
+  x = rng.normal(size=(n, 8))
+  x[:, 0] += 4 * instances  # a product's listings are each other's nearest neighbours
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  m = retrieval.retrieve(x, labels, groups=instances, max_elements=64)
+  # Reference: each query searches only the products of other instances.
+  relevant, num_relevant = [], []
+  for q in range(n):
+    others = np.flatnonzero(instances != instances[q])
+    order = others[np.argsort(-(x[others] @ x[q]), kind='stable')][:10]
+    relevant.append(np.pad(labels[order] == labels[q], (0, 10 - len(order))))
+    num_relevant.append(np.sum(labels[others] == labels[q]))
+  assert m == pytest.approx(retrieval.retrieval_metrics(np.array(relevant), num_relevant))
+  # Without groups the duplicate listings answer almost every query.
+  assert retrieval.retrieve(x, labels)['mAP@1'] > m['mAP@1']
+
+
 # --- nmi and purity ------------------------------------------------------------------------------
 
 def _sk_purity(true, pred):

@@ -11,7 +11,7 @@ from scale_jax.evaluators import base
 KS = (1, 5, 10)
 
 
-def top_k(queries, gallery, k, exclude=None, max_elements=1 << 24):
+def top_k(queries, gallery, k, exclude=None, max_elements=1 << 24, groups=None):
   """The k most similar gallery rows of each query, by dot product.
 
   Args:
@@ -22,6 +22,9 @@ def top_k(queries, gallery, k, exclude=None, max_elements=1 << 24):
       itself when queries and gallery are the same set); -1 leaves nothing out for that query.
     max_elements: the most similarities held at once (the working memory is a few times that:
       the partition's copy, masks); queries go through in blocks of max(1, max_elements // N).
+    groups: optional (query groups int [Q], gallery groups int [N]): gallery rows in the
+      query's own group are left out too (the other listings of the query's physical product).
+      A query left with fewer than k candidates gets score -inf in the places it cannot fill.
 
   Returns:
     (indices int64 [Q, k_eff], scores float32 [Q, k_eff]), each row by score descending, ties
@@ -48,6 +51,8 @@ def top_k(queries, gallery, k, exclude=None, max_elements=1 << 24):
     if excluding:
       r = np.flatnonzero(exclude[start:stop] >= 0)
       sims[r, exclude[start:stop][r]] = -np.inf
+    if groups is not None:
+      sims[groups[0][start:stop, None] == groups[1][None, :]] = -np.inf
     indices[start:stop], scores[start:stop] = _block_top_k(sims, k_eff)
   return indices, scores
 
@@ -117,7 +122,7 @@ def retrieval_metrics(relevant, num_relevant, ks=KS) -> dict:
 
 
 def retrieve(features, keys, ks=KS, query_index=None, gallery_index=None,
-             max_elements=1 << 24) -> dict:
+             max_elements=1 << 24, groups=None) -> dict:
   """retrieval_metrics of same-key retrieval among rows of one feature matrix.
 
   Args:
@@ -129,6 +134,9 @@ def retrieve(features, keys, ks=KS, query_index=None, gallery_index=None,
     gallery_index: int [G] distinct rows searched (default: all). A query in the gallery is left
       out of its own results and of its num_relevant.
     max_elements: as top_k.
+    groups: optional [N] (instance ids): gallery rows in the query's own group are left out of
+      its results and of its num_relevant (category retrieval across physical products, not
+      among the listings of the query's own product).
 
   num_relevant comes from the keys of the whole gallery, not from the top k: a query whose key
   no other gallery row shares (an instance with a single member) is not counted.
@@ -142,10 +150,19 @@ def retrieve(features, keys, ks=KS, query_index=None, gallery_index=None,
   position = np.full(n, -1, np.int64)  # each row's place in the gallery, -1 when not in it
   position[gallery] = np.arange(len(gallery))
   exclude = position[queries]
-  idx, _ = top_k(features[queries], features[gallery], max(ks), exclude, max_elements)
-  relevant = dense[gallery][idx] == dense[queries][:, None]
+  group_pair = None
+  if groups is not None:
+    _, group = np.unique(np.asarray(groups), return_inverse=True)
+    group = group.reshape(-1)
+    group_pair = (group[queries], group[gallery])
+  idx, scores = top_k(features[queries], features[gallery], max(ks), exclude, max_elements,
+                      group_pair)
+  relevant = (dense[gallery][idx] == dense[queries][:, None]) & np.isfinite(scores)
   per_key = np.bincount(dense[gallery], minlength=int(dense.max(initial=-1)) + 1)
   num_relevant = per_key[dense[queries]] - (exclude >= 0)
+  if groups is not None:  # the query's own group (itself included) shares its key: not counted
+    per_group = np.bincount(group[gallery], minlength=int(group.max(initial=-1)) + 1)
+    num_relevant = per_key[dense[queries]] - per_group[group[queries]]
   return retrieval_metrics(relevant, num_relevant, ks)
 
 
@@ -153,22 +170,30 @@ class Evaluator(base.Evaluator):
   """Coarse-grained (relevance='category') or fine-grained (relevance='instance') retrieval: each
   product of the evaluated split a query against the others, for every combination.
   `queries`, `gallery`: optional files of item ids, one per line (M5Product ships such lists),
-  restricting who asks and who may be found."""
+  restricting who asks and who may be found. `other_instances=True` (category relevance only)
+  leaves the other listings of the query's physical product out of its gallery: a catalogue with
+  near-duplicate listings otherwise rewards matching the duplicate (the same brand word) more
+  than knowing the category."""
 
   def __init__(self, name, config, relevance='category', ks=(1, 5, 10), queries='', gallery='',
-               every=0, combinations=None):
+               every=0, combinations=None, other_instances=False):
     super().__init__(name, config, every, combinations)
     if relevance not in ('category', 'instance'):
       raise ValueError(f"config.evals.{name}.relevance={relevance!r}: 'category' (coarse) or "
                        f"'instance' (fine-grained)")
+    if other_instances and relevance != 'category':
+      raise ValueError(f'config.evals.{name}.other_instances=True needs relevance=\'category\' '
+                       f'(same-instance results are what fine-grained retrieval looks for)')
     self.config, self.relevance, self.ks = config, relevance, tuple(ks)
+    self.other_instances = bool(other_instances)
     self.id_files = {'queries': queries, 'gallery': gallery}
 
   def describe(self):
     grain = 'coarse' if self.relevance == 'category' else 'fine'
     return (f'{grain}-grained retrieval, relevant = same {self.relevance}; mAP@k and Prec@k over '
-            f'the top {max(self.ks)}, the query excluded; queries without a relevant product '
-            f'left out')
+            f'the top {max(self.ks)}, the query'
+            + (' and the other listings of its physical product' if self.other_instances else '')
+            + ' excluded; queries without a relevant product left out')
 
   def _id_rows(self, f, chosen):
     """Positions (within `chosen`) of the listed item ids, per list; None where none is given."""
@@ -193,5 +218,6 @@ class Evaluator(base.Evaluator):
       chosen = np.flatnonzero(f.has[combo])
       lists = self._id_rows(f, chosen)
       out[combo] = retrieve(f.features[combo][chosen], keys[chosen], self.ks,
-                            query_index=lists['queries'], gallery_index=lists['gallery'])
+                            query_index=lists['queries'], gallery_index=lists['gallery'],
+                            groups=f.instances[chosen] if self.other_instances else None)
     return out

@@ -21,7 +21,7 @@ same products with --noise-modality replaced by noise) and builds it under OUT. 
 OUT/runs/<hash of its config>: a run whose evaluation is there is not run again, so an interrupted
 study resumes and a changed one reruns only what changed; runs that two studies share (SCALE with
 all five, seed s) are trained once. Writes the tables, the plots (next to the results file) and a
-reading of each claim to --results.
+reading of each claim to --results, keeping whatever follows its notes marker.
 """
 import argparse
 import dataclasses
@@ -36,7 +36,11 @@ import numpy as np
 import tqdm
 
 # The metric each study reports per evaluator of configs/ablation.py.
-HEADLINE = (('coarse', 'mAP@1'), ('probe', 'accuracy'), ('clustering', 'NMI'))
+HEADLINE = (('coarse', 'mAP@1'), ('across', 'mAP@1'), ('fine', 'mAP@1'), ('probe', 'accuracy'),
+            ('clustering', 'NMI'))
+# Everything after this line in the results file is the reader's own and kept by a rerun.
+NOTES = '<!-- notes: everything below is kept when the study is rerun -->'
+
 CLIP = {'modalities': ('text', 'image'), 'model.joint_layers': 0, 'model.type_embedding': False,
         'model.weighting': 'none', 'loss.mlm': 0.0, 'loss.mrm': 0.0}
 LADDER = (('text', ('text',)), ('+image', ('text', 'image')), ('+table', ('text', 'image', 'table')),
@@ -223,7 +227,10 @@ def write_report(args, studies, plan, unique, results, noisy_name, seconds) -> s
       f'{base.total_steps} steps x batch {base.batch_size}, seeds 0..{args.seeds - 1}; the '
       f'loss changed by at most {100 * max(flat.values()):.1f}% over the last quarter of any '
       f'run (median {100 * np.median(list(flat.values())):.1f}%). Test split; mean ± std over '
-      f'seeds, in %.', '']
+      f'seeds, in %. Columns: coarse = retrieval, same category relevant; across = the same '
+      f'with the other listings of the query\'s own product left out of its gallery; fine = '
+      f'retrieval, same product relevant; probe = linear-probe accuracy; clustering = k-means '
+      f'NMI.', '']
   for name, study in studies.items():
     rows = {}  # label -> {metric: [values over seeds]}
     for study_name, label, seed, key in plan:
@@ -250,7 +257,12 @@ def write_report(args, studies, plan, unique, results, noisy_name, seconds) -> s
     _bar_plot(plt, rows, metrics, f'{name}: {study.claim}', os.path.join(figures, f'{name}.png'))
     if study.noisy:
       lines += _weights_plot(plt, args, plan, name, noisy_name, figures)
-  text = '\n'.join(lines) + '\n'
+  lines += _loss_plot(plt, args, plan, figures)
+  notes = ''
+  if os.path.exists(args.results):
+    with open(args.results, encoding='utf-8') as f:
+      notes = f.read().partition(NOTES)[2]
+  text = '\n'.join(lines) + '\n' + NOTES + (notes or '\n')
   with open(args.results, 'w', encoding='utf-8') as f:
     f.write(text)
   return text
@@ -258,7 +270,7 @@ def write_report(args, studies, plan, unique, results, noisy_name, seconds) -> s
 
 def _reading(rows, metrics) -> str:
   """Whether the reference (first) row beats each other row on each metric, and by how much
-  against the spread over seeds."""
+  against the spread over seeds (the two rows' standard deviations added)."""
   labels = list(rows)
   first, out = labels[0], []
   for other in labels[1:]:
@@ -267,9 +279,9 @@ def _reading(rows, metrics) -> str:
       diff, spread = a.mean() - b.mean(), a.std() + b.std()
       verdict = ('held' if diff > spread else 'reversed' if diff < -spread
                  else 'not shown (within the spread over seeds)')
-      out.append(f'{m}: {first} {a.mean():.2f} vs {other} {b.mean():.2f} ({diff:+.2f}): '
+      out.append(f'- {m}: {first} {a.mean():.2f} vs {other} {b.mean():.2f} ({diff:+.2f}): '
                  f'{verdict}')
-  return 'Reading: ' + '; '.join(out) + '.' if out else ''
+  return '\n'.join(['Reading:', ''] + out) if out else ''
 
 
 def _bar_plot(plt, rows, metrics, title, path):
@@ -307,6 +319,26 @@ def _weights_plot(plt, args, plan, name, noisy_name, figures) -> list:
   fig.savefig(os.path.join(figures, f'{name}_weights.png'), dpi=110)
   plt.close(fig)
   return lines + ['', f'![{name} weights](results/{name}_weights.png)', '']
+
+
+def _loss_plot(plt, args, plan, figures) -> list:
+  """The training loss of every run at seed 0: has the budget flattened the losses?"""
+  fig, ax = plt.subplots(figsize=(6, 3.2))
+  seen = set()
+  for study_name, label, seed, key in plan:
+    if seed != 0 or key in seen:
+      continue
+    seen.add(key)
+    with open(os.path.join(args.out, 'runs', key, 'metrics.jsonl'), encoding='utf-8') as f:
+      steps, losses = zip(*[(r['step'], r['loss']) for r in map(json.loads, f) if 'loss' in r])
+    ax.plot(steps, losses, label=f'{study_name}: {label}', linewidth=1)
+  ax.set_xlabel('step')
+  ax.set_ylabel('training loss')
+  ax.legend(fontsize=5, ncol=2)
+  fig.tight_layout()
+  fig.savefig(os.path.join(figures, 'losses.png'), dpi=110)
+  plt.close(fig)
+  return ['## Training losses (seed 0)', '', '![losses](results/losses.png)', '']
 
 
 def _argv(args) -> list:
