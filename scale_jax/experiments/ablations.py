@@ -43,9 +43,13 @@ NOTES = '<!-- notes: everything below is kept when the study is rerun -->'
 
 CLIP = {'modalities': ('text', 'image'), 'model.joint_layers': 0, 'model.type_embedding': False,
         'model.weighting': 'none', 'loss.mlm': 0.0, 'loss.mrm': 0.0}
-LADDER = (('text', ('text',)), ('+image', ('text', 'image')), ('+table', ('text', 'image', 'table')),
-          ('+video', ('text', 'image', 'table', 'video')),
-          ('+audio', ('text', 'image', 'table', 'video', 'audio')))
+# The paper's order of adding modalities; each run lists its modalities in the registry's order,
+# so the last rung is the same config (and the same cached run) as SCALE with all five.
+LADDER = tuple((f'+{added[-1]}' if len(added) > 1 else added[0],
+                tuple(m for m in ('text', 'table', 'image', 'video', 'audio') if m in added))
+               for added in (('text',), ('text', 'image'), ('text', 'image', 'table'),
+                             ('text', 'image', 'table', 'video'),
+                             ('text', 'image', 'table', 'video', 'audio')))
 
 
 @dataclasses.dataclass(frozen=True)
