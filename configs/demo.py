@@ -97,7 +97,10 @@ def get_config():
                      # (('^(encoders_text|token_embed)/', 0.1),) trains the text tower at 0.1 x lr.
                      lr_multipliers=())
   # Device mesh; -1 takes the devices left over. Logical-axis rules live in scale_jax/sharding.py.
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # dcn_*: how many of an axis's positions lie in different slices or hosts (across the
+  # data-centre network); e.g. data=4, fsdp=64, dcn_data=4 on four 64-chip slices keeps FSDP's
+  # all-gathers within a slice. tensor must stay within a host.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
 
   # Evaluation (docs/evaluation.md). The product feature of a modality combination: the
   # 'fused' vectors (or the pre-fusion 'z') of its modalities, 'mean'- (or 'sum'-) pooled; the

@@ -1,16 +1,22 @@
-r"""Compiles the train step for a mesh of fake CPU devices and reports memory per device, without
-running it or allocating the model: an out-of-memory check before a pod is booked.
+r"""Compiles the real train step for a pod without the pod, and reports what each device would
+hold: an out-of-memory and cost check before a slice is booked. Nothing is run or allocated.
 
-    python -m scale_jax.aot --config configs/large.py --mesh data=2,fsdp=8,tensor=1 \
-        [--batch-size N] [--config.x=y ...]
+    python -m scale_jax.aot --config configs/pods/v5p_128.py          # the config's pod
+    python -m scale_jax.aot --config C --topology v5e:16x16 [--slices 2] [--mesh data=..,fsdp=..]
+    python -m scale_jax.aot --config C --mesh data=2,fsdp=8,tensor=1   # fake CPU devices
 
 The step is the trainer's own (scale_jax.train.build_train_setup), lowered against abstract
-inputs (shapes, dtypes and shardings) and compiled by XLA's CPU compiler for
-data x fsdp x tensor devices. The figures are that compiler's: GPU and TPU compilers fuse,
-lay out and rematerialise differently, so treat them as an estimate (parameter and optimizer
-bytes are exact; temporaries are the CPU compiler's, often an over-estimate next to TPU's).
+inputs (shapes, dtypes and shardings).
+- With a TPU topology (`--topology`, or the config's `pod.topology`), libtpu's compiler (the pip
+  package of `jax[tpu]`, the `tpu` extra) compiles it for abstract TPU devices on this CPU
+  machine: the memory figures and the cost model are the TPU compiler's own, as on the pod.
+- Without one, XLA's CPU compiler compiles it for data x fsdp x tensor fake CPU devices:
+  parameter and optimizer bytes are exact; temporaries are the CPU compiler's, often more than a
+  TPU's.
+Only a GPU can compile for a GPU: for a GPU cluster, run the trainer for a step on one node.
 """
 import os
+import re
 import sys
 
 import numpy as np
@@ -28,19 +34,24 @@ def parse_mesh(text: str) -> dict:
   return sizes
 
 
-def _fake_devices_from_argv(argv):
-  """One fake CPU device per mesh position. Must run before jax is imported."""
-  text = None
+def _flag_value(argv, name):
   for i, arg in enumerate(argv):
-    if arg.startswith('--mesh='):
-      text = arg.split('=', 1)[1]
-    elif arg == '--mesh' and i + 1 < len(argv):
-      text = argv[i + 1]
-  if text is not None:
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _fake_devices_from_argv(argv):
+  """One fake CPU device per mesh position (not for a TPU topology). Must run before jax is
+  imported."""
+  text = _flag_value(argv, 'mesh')
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # TPU devices here are abstract, never attached
+  if text is not None and _flag_value(argv, 'topology') is None:
     count = int(np.prod(list(parse_mesh(text).values())))
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                                + f' --xla_force_host_platform_device_count={count}')
-    os.environ['JAX_PLATFORMS'] = 'cpu'
 
 
 if __name__ == '__main__':
@@ -54,12 +65,24 @@ from ml_collections import config_flags
 from scale_jax import sharding
 from scale_jax.train import build_train_setup
 
+# HBM per chip (GiB), by the device_kind libtpu reports; a chip with two TensorCores shown as two
+# devices gives each half.
+CHIP_HBM_GIB = {'TPU v4': 32, 'TPU v5 lite': 16, 'TPU v5': 95, 'TPU v6 lite': 32}
+COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
 
 
-def memory_report(config, mesh) -> dict:
-  """Per-device bytes of the compiled train step of `config` on `mesh` (never run)."""
+def compile_step(config, mesh):
+  """(the train setup, the compiled train step of `config` on `mesh`), never run."""
   setup = build_train_setup(config, mesh)
-  compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
+  return setup, setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
+
+
+def memory_report(config, mesh, compiled=None) -> dict:
+  """Per-device bytes of the compiled train step of `config` on `mesh` (never run)."""
+  if compiled is None:
+    setup, compiled = compile_step(config, mesh)
+  else:
+    setup = build_train_setup(config, mesh)
   m = compiled.memory_analysis()
   report = {
       'parameters': sharding.bytes_per_device(setup.abstract_state.params),
@@ -78,14 +101,90 @@ def memory_report(config, mesh) -> dict:
   return report
 
 
-def format_report(report, config, mesh) -> str:
+def collective_counts(compiled) -> dict:
+  """How many of each collective the compiled (per-device) program holds."""
+  hlo = compiled.as_text()
+  return {op: len(re.findall(rf'= [^\n=]*? {op}(?:-start)?\(', hlo)) for op in COLLECTIVES}
+
+
+def cost_report(compiled) -> dict:
+  """The compiler's cost analysis of one step on one device: FLOPs, bytes accessed and (TPU)
+  the cost model's step time, in seconds, when it gives one."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  out = {'flops': float(cost.get('flops', 0.0)), 'bytes accessed': float(
+      cost.get('bytes accessed', 0.0))}
+  seconds = float(cost.get('optimal_seconds', -1.0))
+  if seconds > 0:
+    out['estimated step seconds'] = seconds
+  return out
+
+
+def device_capacity(mesh) -> int | None:
+  """HBM bytes of one device of the mesh, None when unknown (CPU, an unlisted chip)."""
+  device = mesh.devices.flat[0]
+  gib = CHIP_HBM_GIB.get(device.device_kind)
+  if gib is None:
+    return None
+  cores = len({getattr(d, 'core_on_chip', 0) for d in mesh.devices.flat})
+  return gib * 2 ** 30 // cores
+
+
+def tpu_devices(topology: str, slices: int = 1):
+  """Abstract TPU devices of a topology such as 'v5e:16x16' or 'v5p:4x4x4' (libtpu's compiler;
+  no TPU needed)."""
+  kind = topology.split(':')[0].lower()
+  if not kind.startswith('v'):
+    raise app.UsageError(
+        f'--topology {topology}: only TPU topologies (v4:2x2x4, v5p:4x4x4, v5e:16x16, ...) '
+        f'compile here. XLA compiles for a GPU only with that GPU attached: on a GPU cluster, '
+        f'run the trainer for one step on a node (it reports the compiled step), or this tool '
+        f'with --mesh there.')
+  try:
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    # Abstract devices touch no chip, so several processes may compile at once (libtpu
+    # otherwise takes a machine-wide lock, meant for real TPUs).
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+    options = {'num_slices': slices} if slices > 1 else {}
+    if kind == 'v4':  # JAX runs a v4 chip's two TensorCores as one device ("megacore")
+      options['chip_config_name'] = 'megacore'
+    desc = topologies.get_topology_desc(topology, 'tpu', **options)
+  except Exception as e:  # pylint: disable=broad-except  (libtpu missing or a bad name)
+    raise app.UsageError(
+        f'--topology {topology}: libtpu could not describe it ({str(e).splitlines()[0][:200]}). '
+        f'Install the tpu extra (pip install -e ".[tpu]") and give a name such as v5e:16x16 '
+        f'or v5p:4x4x4.') from None
+  return desc.devices
+
+
+def format_report(report, config, mesh, cost=None, collectives=None, capacity=None) -> str:
   sizes = ' '.join(f'{k}={v}' for k, v in mesh.shape.items())
+  device = mesh.devices.flat[0]
+  where = (f'{mesh.size} fake CPU devices' if device.platform == 'cpu' else
+           f'{mesh.size} abstract {device.device_kind} devices')
   unit, scale = ('GiB', 2 ** 30) if report['total'] >= 2 ** 30 else ('MiB', 2 ** 20)
   lines = [f'train step, batch {config.batch_size} ({config.microbatches} microbatch(es)), mesh '
-           f'{sizes} on {mesh.size} fake CPU devices; memory per device:']
+           f'{sizes} on {where}; memory per device:']
   lines += [f'  {k:<48}{v / scale:12.3f} {unit}' for k, v in report.items()]
-  lines.append('From the CPU compiler: GPU and TPU compilers lay memory out differently; treat '
-               'temporaries and the total as an estimate.')
+  if capacity:
+    verdict = 'fits' if report['total'] <= capacity else 'DOES NOT FIT'
+    label = "the device's HBM"
+    lines.append(f'  {label:<48}{capacity / scale:12.3f} {unit}  '
+                 f'{100 * report["total"] / capacity:.0f}% used: {verdict}')
+  if device.platform == 'cpu':
+    lines.append('From the CPU compiler: GPU and TPU compilers lay memory out differently; treat '
+                 'temporaries and the total as an estimate.')
+  else:
+    lines.append('From the TPU compiler (libtpu), for abstract devices: nothing ran.')
+  if cost:
+    lines.append(f'cost per device and step: {cost["flops"] / 1e12:.3f} TFLOP, '
+                 f'{cost["bytes accessed"] / 2 ** 30:.2f} GiB accessed' + (
+                     f'; the TPU cost model estimates {cost["estimated step seconds"]:.3f} s per '
+                     f'step (an estimate, not a measurement)'
+                     if 'estimated step seconds' in cost else ''))
+  if collectives:
+    lines.append('collectives in the step: ' + ', '.join(
+        f'{n} {op}' for op, n in collectives.items()))
   return '\n'.join(lines)
 
 
@@ -97,14 +196,29 @@ def main(argv):
   config = f.config
   if f['batch-size'].value:
     config.batch_size = f['batch-size'].value
-  config.mesh.update(parse_mesh(f.mesh))
-  mesh = sharding.make_mesh(config.mesh)
-  print(format_report(memory_report(config, mesh), config, mesh))
+  if f.mesh:
+    config.mesh.update(parse_mesh(f.mesh))
+  pod = config.get('pod', {})
+  topology = f.topology or pod.get('topology', '')
+  if topology:
+    devices = tpu_devices(topology, f.slices or pod.get('slices', 1))
+    mesh = sharding.make_mesh(config.mesh, devices)
+  elif f.mesh:
+    mesh = sharding.make_mesh(config.mesh)
+  else:
+    raise app.UsageError('give --topology (a TPU slice, e.g. v5e:16x16), a config with '
+                         'pod.topology, or --mesh (fake CPU devices)')
+  setup, compiled = compile_step(config, mesh)
+  del setup
+  print(format_report(memory_report(config, mesh, compiled), config, mesh, cost_report(compiled),
+                      collective_counts(compiled), device_capacity(mesh)))
 
 
 if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'config file (configs/*.py)', lock_config=True)
   flags.DEFINE_string('mesh', None, 'mesh sizes, e.g. data=2,fsdp=8,tensor=1')
+  flags.DEFINE_string('topology', None, 'TPU topology, e.g. v5e:16x16, v5p:4x4x4, v4:2x2x4')
+  flags.DEFINE_integer('slices', None, 'number of such slices (multislice over DCN)')
   flags.DEFINE_integer('batch-size', None, 'global batch size (default: the config\'s)')
-  flags.mark_flags_as_required(['config', 'mesh'])
+  flags.mark_flags_as_required(['config'])
   app.run(main)

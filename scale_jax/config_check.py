@@ -1,7 +1,7 @@
 """Checks a run's config before any work starts: every problem at once, each message naming the
 field and a value that works (a shape error inside a Grain worker or a silently truncated head
 names nothing)."""
-from scale_jax import losses, modalities
+from scale_jax import losses, modalities, sharding
 from scale_jax.model import layers
 
 
@@ -35,6 +35,17 @@ def _batch_problems(config, mesh) -> list:
               and config.microbatches > 1 else f'the {shards} devices')
       problems.append(f'config.{field}={size} does not split over {what} of mesh axes data x '
                       f'fsdp; e.g. --config.{field}={max(parts, size // parts * parts)}')
+  # Each process feeds its own rows of the batch, which is split over data x fsdp and copied
+  # over tensor: a tensor group needs one process's rows, so it must lie within one process.
+  spanned = sharding.processes_split_by(mesh, 'tensor')
+  if spanned is not None:
+    per_process = mesh.size // len({d.process_index for d in mesh.devices.flat})
+    problems.append(
+        f'config.mesh.tensor={mesh.shape["tensor"]} puts devices of processes {spanned} in one '
+        f'tensor group, but each process loads different batch rows and a tensor group needs the '
+        f'same rows on all its devices: keep tensor within a host (mesh.tensor <= '
+        f'{per_process}, the devices per process, and mesh.dcn_tensor=1) and split across '
+        f'hosts with data or fsdp')
   return problems
 
 
@@ -52,6 +63,6 @@ def check(config, mesh=None) -> None:
     if coefficient < 0:
       problems.append(f'config.loss.{objective}={coefficient} must be >= 0')
   if mesh is not None:
-    problems += _batch_problems(config, mesh)
+    problems += _batch_problems(config, mesh)  # and the mesh's process layout
   if problems:
     raise ConfigError('the config cannot run:\n  ' + '\n  '.join(problems))

@@ -32,7 +32,7 @@ def evaluate(config, workdir, step=None, names=None, random_init=False, split='t
   mesh = sharding.make_mesh(config.mesh)
   config_check.check(config, mesh)
   params, step = state.restore_params(config, workdir, mesh, step)
-  model = state.build_model(config)
+  model = state.build_model(config, mesh)
   extractor = features.FeatureExtractor(model, config, mesh)
   chosen = evaluators.from_config(config, names)
   results = {f'pretrained (step {step})': evaluators.evaluate(chosen, extractor, params, split)}

@@ -86,8 +86,10 @@ def make_optimizer(config):
 # ------------------------------------------------------------------------------------------------
 # Model and sharded initialisation.
 
-def build_model(config):
-  return Scale(FrozenConfigDict(config))
+def build_model(config, mesh=None):
+  """The model of `config`; on `mesh` its activation constraints take effect (pass the mesh the
+  step runs on: without one XLA alone places activations)."""
+  return Scale(FrozenConfigDict(config), mesh)
 
 
 def sharded_state_init(model, tx, config, mesh):
@@ -96,6 +98,7 @@ def sharded_state_init(model, tx, config, mesh):
   Shapes come from jax.eval_shape, so no full copy of the model ever lands on one device.
   """
   batch = modalities.dummy_batch(config, 2)
+  model = model.clone(mesh=None)  # the dummy batch of 2 would not split over the batch axes
 
   def init_boxed(rng):  # parameters carry their logical axis names (nn.Partitioned boxes)
     params = model.init(rng, batch)['params']

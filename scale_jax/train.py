@@ -6,7 +6,8 @@ it are its parts, and the model, optimizer and checkpoints are scale_jax/state.p
 
 Where a run starts, in order of precedence:
   1. resume: RUN/checkpoints holds a checkpoint; the latest one is restored (parameters, optimizer
-     state, step, RNG and the input pipeline's position), on this run's mesh whatever mesh saved it;
+     state, step, RNG; the input position follows from the step), on this run's mesh and number
+     of processes, whatever saved it (the batch size must be the same);
   2. init_from: config.init_from.workdir names another run; the parameters whose path the regex
      config.init_from.include finds are copied from its latest checkpoint, the rest (and the
      optimizer state) start fresh;
@@ -23,7 +24,6 @@ import signal
 import time
 from typing import Any, NamedTuple
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,7 +180,7 @@ class TrainSetup(NamedTuple):
 
 def build_train_setup(config, mesh) -> TrainSetup:
   config_check.check(config, mesh)  # before anything is traced: every problem, named
-  model = run_state.build_model(config)
+  model = run_state.build_model(config, mesh)
   tx, schedule = run_state.make_optimizer(config)
   init, state_shardings = run_state.sharded_state_init(model, tx, config, mesh)
   batch_shardings = sharding.batch_sharding(mesh, modalities.dummy_batch(config, 1))
@@ -319,15 +319,6 @@ def train(config, workdir):
         f'{config.data.dir} does not have: rebuild it with --val-fraction 0.05, or set every=0')
 
   # ----------------------------------------------------------------------------------------------
-  # Input pipeline: this process's share of every global batch, assembled into global arrays.
-  dataset = pipeline.train_dataset(config, jax.process_index(), jax.process_count())
-  data_iter = iter(dataset)
-
-  def to_global(local_batch):
-    return jax.tree.map(jax.make_array_from_process_local_data, setup.batch_shardings,
-                        local_batch)
-
-  # ----------------------------------------------------------------------------------------------
   # Where the run starts: resume > init_from > scratch (module docstring). A resumed state is
   # restored straight onto this mesh's shardings, never initialised first. The run's config is
   # written to RUN/config.json once the checkpoint is known to fit it.
@@ -335,13 +326,23 @@ def train(config, workdir):
   if manager.latest_step() is not None:
     run_state.check_checkpoint_matches(workdir, manager.latest_step(),
                                        setup.abstract_state.params, config)
-    if run_config.path(workdir).exists() and jax.process_index() == 0:
-      changed = run_config.differences(run_config.load(workdir), config)
+    if run_config.path(workdir).exists():
+      saved = run_config.load(workdir)
+      if saved.batch_size != config.batch_size:  # every process stops alike
+        raise config_check.ConfigError(
+            f'{workdir} was trained at batch_size {saved.batch_size}, not {config.batch_size}: '
+            f'its step {manager.latest_step()} ends at product {manager.latest_step()} x '
+            f'{saved.batch_size} of the input stream, which another batch size would cut '
+            f'elsewhere. Resume with --config.batch_size={saved.batch_size}, or start a new '
+            f'run from its weights with --config.init_from.workdir={workdir}')
+      changed = run_config.differences(saved, config)
       if changed:
         log('resuming with config changes (saved -> now): ' + '; '.join(changed))
+    # The input position is not restored: it follows from the step (pipeline.train_dataset),
+    # so any number of processes may resume the run. Checkpoints written before held Grain
+    # iterator states under 'data', which are left alone.
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(setup.abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
+        state=ocp.args.StandardRestore(setup.abstract_state)))
     state = restored.state
     log(f'resumed from step {int(state.step)} in {manager.directory}')
   else:
@@ -358,6 +359,17 @@ def train(config, workdir):
       log(f'starting from scratch (seed {config.seed})')
   if jax.process_index() == 0:
     run_config.save(config, workdir)
+
+  # ----------------------------------------------------------------------------------------------
+  # Input pipeline: this process's share of every global batch from the state's step on,
+  # assembled into global arrays.
+  dataset = pipeline.train_dataset(config, jax.process_index(), jax.process_count(),
+                                   start_step=int(state.step))
+  data_iter = iter(dataset)
+
+  def to_global(local_batch):
+    return jax.tree.map(jax.make_array_from_process_local_data, setup.batch_shardings,
+                        local_batch)
   first_step = int(state.step)
   if first_step >= config.total_steps:
     manager.close()
@@ -430,9 +442,8 @@ def train(config, workdir):
       preempted = preemption.requested(step)
       if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
         check_finite(state, metrics, manager)  # never save a state after a non-finite step
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)),
-            force=True)
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                     force=True)
       progress.update(1)
       if preempted:
         manager.wait_until_finished()

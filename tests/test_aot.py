@@ -1,14 +1,16 @@
-"""`python -m scale_jax.aot`: the trainer's step compiled for a mesh of fake devices, memory per
-device reported, nothing run; and FSDP's division of parameter and optimizer bytes."""
+"""`python -m scale_jax.aot`: the trainer's step compiled for a mesh of fake CPU devices and for
+abstract TPU slices (libtpu, no TPU), memory per device reported, nothing run; FSDP's division of
+parameter and optimizer bytes; meshes across slices and hosts."""
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import tiny
-from scale_jax import aot, sharding
+from scale_jax import aot, config_check, sharding
 from scale_jax.train import build_train_setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,3 +59,54 @@ def test_aot_command_compiles_for_fake_devices_and_reports_memory(tmp_path_facto
   assert mib['parameters + optimizer state'] == pytest.approx(expected, abs=1e-3)
   assert mib['arguments'] >= mib['parameters + optimizer state']
   assert mib['total'] >= mib['arguments'] and mib['temporaries'] > 0
+
+
+# --- TPU topologies, compiled here by libtpu (the tpu extra) -------------------------------------
+
+def test_compiles_for_an_abstract_tpu_slice_and_reports_its_memory():
+  config = tiny.get_config()
+  config.modalities = ('text', 'image')
+  config.mesh.update(data=2, fsdp=2, tensor=1)
+  mesh = sharding.make_mesh(config.mesh, aot.tpu_devices('v5e:2x2'))
+  assert {d.platform for d in mesh.devices.flat} == {'tpu'}
+  setup, compiled = aot.compile_step(config, mesh)
+  report = aot.memory_report(config, mesh, compiled)
+  # Sharded state bytes are exact, and the TPU compiler's figures are its own (TPU tiling pads
+  # small arrays: the arguments exceed the state, unlike on the CPU).
+  assert report['parameters + optimizer state'] == sharding.bytes_per_device(
+      (setup.abstract_state.params, setup.abstract_state.opt_state))
+  assert report['arguments'] >= report['parameters + optimizer state']
+  assert 0 < report['total'] < aot.device_capacity(mesh) == 16 * 2 ** 30
+  collectives = aot.collective_counts(compiled)
+  assert collectives['all-gather'] > 0 and collectives['all-reduce'] > 0  # FSDP; gradient sums
+  text = aot.format_report(report, config, mesh, aot.cost_report(compiled), collectives,
+                           aot.device_capacity(mesh))
+  assert 'on 4 abstract TPU v5 lite devices' in text and '% used: fits' in text
+  assert 'From the TPU compiler' in text
+
+
+def test_multislice_mesh_keeps_fsdp_within_a_slice():
+  devices = aot.tpu_devices('v5e:2x2', slices=2)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1, dcn_data=2), devices)
+  slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  assert (slices[0] == 0).all() and (slices[1] == 1).all()  # one data position per slice
+  with pytest.raises(ValueError, match='must divide'):
+    sharding.make_mesh(dict(data=2, fsdp=4, tensor=1, dcn_fsdp=3), devices)
+
+
+def test_a_tensor_group_across_processes_is_refused_with_the_reason():
+  # v5e:4x4 has 4 hosts of 4 chips: tensor=8 would need two hosts to feed the same rows.
+  config = tiny.get_config()
+  config.mesh.update(data=1, fsdp=2, tensor=8)
+  config.update(batch_size=16)
+  config.eval.batch_size = 16
+  mesh = sharding.make_mesh(config.mesh, aot.tpu_devices('v5e:4x4'))
+  with pytest.raises(config_check.ConfigError, match=r'tensor group.*mesh.tensor <= 4'):
+    config_check.check(config, mesh)
+  config.mesh.update(fsdp=8, tensor=2)  # a pair of chips on one host: fine
+  config_check.check(config, sharding.make_mesh(config.mesh, aot.tpu_devices('v5e:4x4')))
+
+
+def test_gpu_topologies_are_refused_with_what_to_do_instead():
+  with pytest.raises(aot.app.UsageError, match='only with that GPU attached'):
+    aot.tpu_devices('h100:2x8')

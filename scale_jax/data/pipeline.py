@@ -210,14 +210,17 @@ def num_workers(config) -> int:
   return max(0, (os.cpu_count() or 1) // 4) if workers < 0 else workers
 
 
-def train_dataset(config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Endless shuffled training batches: this process's share, batch_size / process_count rows.
+def train_dataset(config, process_index: int = 0, process_count: int = 1,
+                  start_step: int = 0) -> grain.IterDataset:
+  """Endless shuffled training batches from global batch `start_step` on: this process's share,
+  batch_size / process_count rows.
 
   One global stream for all processes: the whole split decoded (cached up to data.cache_mb),
   shuffled (reshuffled every epoch), masks drawn, cut into global batches. Process p reads rows
   [p * b, (p + 1) * b) of each global batch (b = batch_size / process_count) and decodes only
   those, so shares are disjoint, together cover the split, and the global batch is the same for
-  any number of processes.
+  any number of processes. So the position of a resumed run follows from its step and the
+  global batch size alone, whatever number of processes saved it (elastic resume).
   """
   if config.batch_size % process_count:
     raise ValueError(f'batch_size {config.batch_size} does not split over {process_count} '
@@ -231,7 +234,7 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1) -> gra
   replacements = tokenizer.replacement_ids(tokenizer.load_tokenizer(
       build.tokenizer_path(config.data.dir)))
   ds = ds.map_with_index(Mask(cfg, replacements, config.seed, len(source)))
-  ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+  ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count][start_step:]
   ds = ds.to_iter_dataset(_read_options(config, local_batch))
   if workers := num_workers(config):
     if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; notebooks and tests

@@ -1,12 +1,15 @@
 """Transformer building blocks with logical axis names on every parameter and activation."""
 import math
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from scale_jax import sharding
+
 partitioned = nn.with_logical_partitioning
-constrain = nn.with_logical_constraint
 dense_init = nn.initializers.xavier_uniform()
 
 
@@ -87,11 +90,21 @@ def layer_norm(name=None, dtype=jnp.float32):
                       bias_init=partitioned(nn.initializers.zeros, ('embed',)))
 
 
+def constrain(x, logical_axes, mesh):
+  """Pins activation `x` to the sharding its logical axes map to on `mesh`; a no-op without a
+  mesh (init, single-device use). Rules and mesh go to the constraint explicitly: flax's global
+  logical_axis_rules context would also re-map the flattened kernels inside DenseGeneral."""
+  if mesh is None:
+    return x
+  return nn.with_logical_constraint(x, logical_axes, rules=sharding.LOGICAL_RULES, mesh=mesh)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention; `key_valid` [B, S] keeps padding and absent modalities out."""
   heads: int
   dtype: jnp.dtype = jnp.float32
   matmul: str = 'float32'
+  mesh: Any = None  # a jax.sharding.Mesh: activations are constrained to it (see constrain)
 
   @nn.compact
   def __call__(self, x, key_valid):
@@ -102,7 +115,8 @@ class Attention(nn.Module):
         dot_general=dot_general_for(self.matmul),
         kernel_init=partitioned(dense_init, ('embed', None, 'heads', 'kv')),
         bias_init=partitioned(nn.initializers.zeros, (None, 'heads', 'kv')))(x)
-    q, k, v = (constrain(qkv[:, :, i], ('batch', 'length', 'heads', 'kv')) for i in range(3))
+    q, k, v = (constrain(qkv[:, :, i], ('batch', 'length', 'heads', 'kv'), self.mesh)
+               for i in range(3))
     # One fused XLA attention (cuDNN flash attention on GPU where shapes allow).
     out = jax.nn.dot_product_attention(q, k, v, mask=key_valid[:, None, None, :])
     return nn.DenseGeneral(
@@ -119,18 +133,19 @@ class Block(nn.Module):
   dtype: jnp.dtype = jnp.float32
   scanned: bool = False
   matmul: str = 'float32'
+  mesh: Any = None
 
   @nn.compact
   def __call__(self, x, key_valid):
-    x = constrain(x, ('batch', 'length', 'embed'))
+    x = constrain(x, ('batch', 'length', 'embed'), self.mesh)
     dot_general = dot_general_for(self.matmul)
-    x = x + Attention(self.heads, self.dtype, self.matmul, name='attention')(
+    x = x + Attention(self.heads, self.dtype, self.matmul, self.mesh, name='attention')(
         layer_norm('ln_attention', self.dtype)(x), key_valid)
     h = layer_norm('ln_mlp', self.dtype)(x)
     h = nn.Dense(self.mlp_dim, dtype=self.dtype, name='mlp_in', dot_general=dot_general,
                  kernel_init=partitioned(dense_init, ('embed', 'mlp')),
                  bias_init=partitioned(nn.initializers.zeros, ('mlp',)))(h)
-    h = constrain(nn.gelu(h), ('batch', 'length', 'mlp'))
+    h = constrain(nn.gelu(h), ('batch', 'length', 'mlp'), self.mesh)
     h = nn.Dense(x.shape[-1], dtype=self.dtype, name='mlp_out', dot_general=dot_general,
                  kernel_init=partitioned(dense_init, ('mlp', 'embed')),
                  bias_init=partitioned(nn.initializers.zeros, ('embed',)))(h)
@@ -156,6 +171,7 @@ class Encoder(nn.Module):
   remat: str = 'none'
   scan: bool = False
   matmul: str = 'float32'
+  mesh: Any = None
 
   @nn.compact
   def __call__(self, x, key_valid):
@@ -169,9 +185,9 @@ class Encoder(nn.Module):
                       in_axes=nn.broadcast, length=self.layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
       x, _ = stack(self.heads, self.mlp_dim, self.dtype, scanned=True, matmul=self.matmul,
-                   name='blocks')(x, key_valid)
+                   mesh=self.mesh, name='blocks')(x, key_valid)
     else:
       for i in range(self.layers):
-        x = block(self.heads, self.mlp_dim, self.dtype, matmul=self.matmul,
+        x = block(self.heads, self.mlp_dim, self.dtype, matmul=self.matmul, mesh=self.mesh,
                   name=f'block_{i}')(x, key_valid)
     return layer_norm('ln_final', self.dtype)(x)

@@ -1,6 +1,8 @@
 """SCALE: per-modality encoders, a joint co-transformer over all tokens, and the heads of the
 contrastive and masked objectives (docs/method.md). What each modality is (tokens or patches, its
 token count, whether it is masked) comes from scale_jax.modalities."""
+from typing import Any
+
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -20,8 +22,10 @@ def _param(module, name, shape, axes, init=nn.initializers.normal(0.02)):
 
 class Scale(nn.Module):
   """Maps a batch (scale_jax.data.pipeline format) to the embeddings and predictions that
-  scale_jax.losses turns into the SCALE objective. `config` is the whole (frozen) run config."""
+  scale_jax.losses turns into the SCALE objective. `config` is the whole (frozen) run config;
+  with a `mesh` (jax.sharding.Mesh) every activation constraint of the model takes effect."""
   config: object
+  mesh: Any = None
 
   def setup(self):
     c, m = self.config, self.config.model
@@ -33,7 +37,7 @@ class Scale(nn.Module):
     matmul = m.get('matmul', 'float32')  # configs saved before the field existed: float32
     dot_general = dot_general_for(matmul)  # of every Dense here and in the encoders
     encoder = lambda: Encoder(m.encoder_layers, m.heads, m.mlp_dim, self.dtype, m.remat,
-                              m.scan_layers, matmul)
+                              m.scan_layers, matmul, self.mesh)
     owner = {k: k for k in self.modalities}  # whose encoder each modality runs through
     for switch, (a, b) in SHARED_ENCODERS.items():
       if m[switch] and a in owner and b in owner:
@@ -62,7 +66,7 @@ class Scale(nn.Module):
                                ('modality', 'embed'))
     if m.joint_layers:
       self.joint = Encoder(m.joint_layers, m.heads, m.mlp_dim, self.dtype, m.remat, m.scan_layers,
-                           matmul)
+                           matmul, self.mesh)
     predicted = modalities.masked(c)  # only the masked modalities get a head
     if any(specs[k].discrete for k in predicted):
       self.token_head = nn.Sequential([
@@ -100,7 +104,7 @@ class Scale(nn.Module):
       h = jnp.concatenate([glob, h], axis=1)
       valid = jnp.concatenate([present[:, None], valid], axis=1)
     h = h + self.positions[modality].astype(self.dtype)
-    return constrain(h, ('batch', 'length', 'embed')), valid
+    return constrain(h, ('batch', 'length', 'embed'), self.mesh), valid
 
   def __call__(self, batch):
     m = self.config.model
