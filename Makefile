@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test clean
 
+# Both run on the CPU: without this the tpu extra's libtpu looks for a TPU first (and says so).
+demo test: export JAX_PLATFORMS := cpu
+
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml

@@ -1,32 +1,58 @@
-r"""Times the jitted SCALE train step of a config on this machine's devices, without input.
+r"""Times the jitted SCALE train step of a config on this machine's devices, without input, against
+the machine's own matmul ceiling measured in the same run.
 
-    python benchmarks/train_step.py --config configs/demo.py [--batch-size B] [--dtype float32]
-        [--steps 10] [--peak-gflops 430] [--matmul float32,bf16_operands --rounds 3]
+    python benchmarks/train_step.py --config configs/clip_peer.py [--config.x=y ...] [--steps 10]
+        [--matmul float32,bf16_operands --rounds 3] [--peak_tflops_per_device T]
 
-Reports seconds per step, examples/s, the step's FLOPs as XLA counts them in the compiled
-program (forward + backward + optimizer, attention included) and the achieved fraction of the
-peak (MFU). The default peak is this project's CPU machine: f32 matmul on 2 cores, ~430 GFLOP/s.
-Several comma-separated --matmul values (model.matmul) are compiled once each and then timed in
-turn, --rounds times, so that a change in the machine's load hits them alike; each round prints.
+Reports per variant the median seconds per step, examples/s, the step's FLOPs as XLA counts them
+in the compiled program (forward + backward + optimizer, attention included), and the achieved
+fraction (MFU) of the ceiling: the best of 5 runs of a 2048^3 float32 matmul (and bf16, for a
+bf16 variant) on one device, measured here before the steps and again after them, so the figure
+is this machine's at this hour, never a constant; with --peak_tflops_per_device (or the config's
+peak_tflops_per_device) also against that datasheet figure. Several comma-separated --matmul
+values (model.matmul) are compiled once each and timed in turn, --rounds times, so that a change
+in the machine's load hits them alike. The last line is `step_ms <median of the first variant>`.
 Record results, with the machine, in docs/benchmarks.md.
 """
-import argparse
 import os
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
 from scale_jax import modalities, sharding
-from scale_jax.model_info import load_config
 from scale_jax.train import build_train_setup, xla_flops
+
+config_flags.DEFINE_config_file('config', 'configs/demo.py', 'config file (configs/*.py)',
+                                lock_config=True)
+flags.DEFINE_integer('steps', 10, 'timed steps per variant and round')
+flags.DEFINE_string('matmul', None, 'model.matmul values, comma-separated, timed in turn')
+flags.DEFINE_integer('rounds', 1, 'timing rounds over the variants (interleaved)')
+flags.DEFINE_float('peak_tflops_per_device', 0.0, 'a datasheet peak to report MFU against too')
+
+
+def matmul_ceiling_tflops(dtype, n=2048, repeats=5) -> float:
+  """TFLOP/s of the best of `repeats` n^3 matmuls on one device: what XLA's matmul reaches."""
+  a = jax.device_put(jnp.ones((n, n), dtype), jax.local_devices()[0])
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best / 1e12
 
 
 def compile_step(config):
-  """The compiled train step, its state and batch, and XLA's FLOP count."""
+  """The compiled train step, its state and batch, XLA's FLOP count and the compile time."""
   mesh = sharding.make_mesh(config.mesh)
   setup = build_train_setup(config, mesh)  # the trainer's own step, built the trainer's way
   state = setup.init(jax.random.key(0))
@@ -41,61 +67,58 @@ def compile_step(config):
 
 
 def time_steps(compiled, state, batch, steps):
-  """Mean seconds per step over `steps` steps; the advanced state."""
-  t = time.perf_counter()
+  """Seconds of each of `steps` steps (each waited for); the advanced state."""
+  times = []
   for _ in range(steps):
+    t = time.perf_counter()
     state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  return (time.perf_counter() - t) / steps, state
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  return times, state
 
 
-def benchmark(config, steps, peak_gflops):
-  compiled, state, batch, flops, compile_s = compile_step(config)
-  seconds, _ = time_steps(compiled, state, batch, steps)
-  return report(config, seconds, flops, compile_s, peak_gflops)
-
-
-def report(config, seconds, flops, compile_s, peak_gflops):
-  return {'compile_s': compile_s, 'step_s': seconds,
-          'examples_per_s': config.batch_size / seconds, 'gflop_per_step': flops / 1e9,
-          'gflops': flops / 1e9 / seconds, 'mfu': flops / 1e9 / seconds / peak_gflops}
-
-
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', default='configs/demo.py')
-  parser.add_argument('--steps', type=int, default=10)
-  parser.add_argument('--batch-size', type=int, default=None)
-  parser.add_argument('--dtype', default=None, help='override model.dtype (CPU: float32)')
-  parser.add_argument('--peak-gflops', type=float, default=430.0,
-                      help='peak of the devices together (default: the 2-core CPU machine, f32)')
-  parser.add_argument('--matmul', default=None,
-                      help='override model.matmul; comma-separated values are timed in turn')
-  parser.add_argument('--rounds', type=int, default=1,
-                      help='timing rounds over the --matmul values (interleaved)')
-  args = parser.parse_args()
-  config = load_config(args.config)
-  if args.batch_size:
-    config.batch_size = args.batch_size
-  if args.dtype:
-    config.model.dtype = args.dtype
-  variants = args.matmul.split(',') if args.matmul else [config.model.get('matmul', 'float32')]
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  config = f.config
+  variants = f.matmul.split(',') if f.matmul else [config.model.get('matmul', 'float32')]
+  datasheet = f.peak_tflops_per_device or config.peak_tflops_per_device
+  dtypes = {'float32'} | {'bfloat16' for v in variants if 'bf16' in v}
+  dtypes |= {str(jnp.dtype(config.model.dtype))}
+  ceiling = {d: matmul_ceiling_tflops(d) for d in sorted(dtypes)}
   runs = {}
   for matmul in variants:
     c = config.copy_and_resolve_references()
     c.model.matmul = matmul
-    runs[matmul] = [c, *compile_step(c)]
-  for i in range(args.rounds):
+    runs[matmul] = [c, *compile_step(c), []]
+  for i in range(f.rounds):
     for matmul, run in runs.items():
-      c, compiled, state, batch, flops, compile_s = run
-      seconds, run[2] = time_steps(compiled, state, batch, args.steps)
-      r = report(c, seconds, flops, compile_s, args.peak_gflops)
-      print(f'{args.config} batch {c.batch_size} matmul {matmul} (round {i + 1}) on '
-            f'{jax.device_count()} x {jax.devices()[0].device_kind}: {r["step_s"]:.3f} s/step, '
-            f'{r["examples_per_s"]:.1f} examples/s, {r["gflop_per_step"]:.1f} GFLOP/step, '
-            f'{r["gflops"]:.1f} GFLOP/s, MFU {100 * r["mfu"]:.1f}% of {args.peak_gflops:g} '
-            f'GFLOP/s (compile {r["compile_s"]:.1f} s)', flush=True)
+      c, compiled, state, batch, flops, compile_s, all_times = run
+      times, run[2] = time_steps(compiled, state, batch, f.steps)
+      all_times += times
+      print(f'round {i + 1}, matmul {matmul}: median {statistics.median(times):.3f} s/step '
+            f'(min {min(times):.3f})', flush=True)
+  after = {d: matmul_ceiling_tflops(d) for d in ceiling}  # the machine may have changed meanwhile
+  devices = jax.device_count()
+  print(f'ceiling (2048^3 matmul, best of 5, one device): ' + ', '.join(
+      f'{d} {1e3 * ceiling[d]:.0f} GFLOP/s before, {1e3 * after[d]:.0f} after' for d in ceiling))
+  for matmul, (c, _, _, _, flops, compile_s, all_times) in runs.items():
+    seconds = statistics.median(all_times)
+    gflops = flops / 1e9 / seconds
+    # bf16 operands run the matmuls at the bf16 rate; everything else at the config's dtype.
+    dtype = 'bfloat16' if 'bf16' in matmul else str(jnp.dtype(c.model.dtype))
+    peak = 1e3 * devices * max(ceiling[dtype], after[dtype])
+    line = (f'{config_flags.get_config_filename(f["config"])} batch {c.batch_size} matmul '
+            f'{matmul} on {devices} x {jax.devices()[0].device_kind}: {seconds:.3f} s/step '
+            f'(median of {len(all_times)}), {c.batch_size / seconds:.1f} examples/s, '
+            f'{flops / 1e9:.1f} GFLOP/step, {gflops:.1f} GFLOP/s = {100 * gflops / peak:.1f}% of '
+            f'the measured {dtype} matmul ceiling ({peak:.0f} GFLOP/s)')
+    if datasheet:
+      line += f', {100 * gflops / (1e3 * devices * datasheet):.1f}% of {datasheet:g} TFLOP/s/device'
+    print(line + f' (compile {compile_s:.1f} s)', flush=True)
+  first = runs[variants[0]][-1]
+  print(f'step_ms {1e3 * statistics.median(first):.1f}')
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -3,6 +3,9 @@ import os
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                            + ' --xla_force_host_platform_device_count=4')
+# The tpu extra's libtpu would otherwise look for a TPU first (the TPU compiles of test_aot.py
+# use abstract devices, which need no TPU backend).
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
 
