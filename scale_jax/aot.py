@@ -62,12 +62,14 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from scale_jax import sharding
+from scale_jax import model_info, sharding
 from scale_jax.train import build_train_setup
 
 # HBM per chip (GiB), by the device_kind libtpu reports; a chip with two TensorCores shown as two
 # devices gives each half.
 CHIP_HBM_GIB = {'TPU v4': 32, 'TPU v5 lite': 16, 'TPU v5': 95, 'TPU v6 lite': 32}
+# Datasheet bf16 peak per chip (TFLOP/s): the bound under which no step runs.
+CHIP_BF16_TFLOPS = {'TPU v4': 275, 'TPU v5 lite': 197, 'TPU v5': 459, 'TPU v6 lite': 918}
 COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
 
 
@@ -77,12 +79,11 @@ def compile_step(config, mesh):
   return setup, setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
 
 
-def memory_report(config, mesh, compiled=None) -> dict:
-  """Per-device bytes of the compiled train step of `config` on `mesh` (never run)."""
+def memory_report(config, mesh, compiled=None, setup=None) -> dict:
+  """Per-device bytes of the compiled train step of `config` on `mesh` (never run); compiled
+  here unless given with its setup."""
   if compiled is None:
     setup, compiled = compile_step(config, mesh)
-  else:
-    setup = build_train_setup(config, mesh)
   m = compiled.memory_analysis()
   report = {
       'parameters': sharding.bytes_per_device(setup.abstract_state.params),
@@ -118,6 +119,19 @@ def cost_report(compiled) -> dict:
   if seconds > 0:
     out['estimated step seconds'] = seconds
   return out
+
+
+def step_time_bound(config, mesh) -> dict | None:
+  """The model's training FLOPs per device and step (model_info's formula: XLA's count covers
+  one iteration of a scanned layer stack) and the step time they take at the chip's datasheet
+  bf16 peak: a lower bound, not an estimate of the achieved time. None off TPU."""
+  tflops = CHIP_BF16_TFLOPS.get(mesh.devices.flat[0].device_kind)
+  if tflops is None:
+    return None
+  cores = len({getattr(d, 'core_on_chip', 0) for d in mesh.devices.flat})
+  per_device = model_info.flops_per_example(config)['train'] * config.batch_size / mesh.size
+  return {'model TFLOP per device': per_device / 1e12,
+          'seconds at peak': per_device / (tflops * 1e12 / cores)}
 
 
 def device_capacity(mesh) -> int | None:
@@ -157,7 +171,8 @@ def tpu_devices(topology: str, slices: int = 1):
   return desc.devices
 
 
-def format_report(report, config, mesh, cost=None, collectives=None, capacity=None) -> str:
+def format_report(report, config, mesh, cost=None, collectives=None, capacity=None,
+                  bound=None) -> str:
   sizes = ' '.join(f'{k}={v}' for k, v in mesh.shape.items())
   device = mesh.devices.flat[0]
   where = (f'{mesh.size} fake CPU devices' if device.platform == 'cpu' else
@@ -177,11 +192,17 @@ def format_report(report, config, mesh, cost=None, collectives=None, capacity=No
   else:
     lines.append('From the TPU compiler (libtpu), for abstract devices: nothing ran.')
   if cost:
-    lines.append(f'cost per device and step: {cost["flops"] / 1e12:.3f} TFLOP, '
-                 f'{cost["bytes accessed"] / 2 ** 30:.2f} GiB accessed' + (
+    lines.append(f'compiler\'s cost per device and step: {cost["flops"] / 1e12:.3f} TFLOP, '
+                 f'{cost["bytes accessed"] / 2 ** 30:.2f} GiB accessed (a scanned layer stack '
+                 f'counted once)' + (
                      f'; the TPU cost model estimates {cost["estimated step seconds"]:.3f} s per '
                      f'step (an estimate, not a measurement)'
                      if 'estimated step seconds' in cost else ''))
+  if bound:
+    lines.append(f'model FLOPs per device and step (formula): {bound["model TFLOP per device"]:.1f} '
+                 f'TFLOP; at the chip\'s bf16 datasheet peak that is {bound["seconds at peak"]:.3f} '
+                 f's, a lower bound on the step time (at 40% MFU: '
+                 f'{bound["seconds at peak"] / 0.4:.3f} s)')
   if collectives:
     lines.append('collectives in the step: ' + ', '.join(
         f'{n} {op}' for op, n in collectives.items()))
@@ -209,9 +230,10 @@ def main(argv):
     raise app.UsageError('give --topology (a TPU slice, e.g. v5e:16x16), a config with '
                          'pod.topology, or --mesh (fake CPU devices)')
   setup, compiled = compile_step(config, mesh)
-  del setup
-  print(format_report(memory_report(config, mesh, compiled), config, mesh, cost_report(compiled),
-                      collective_counts(compiled), device_capacity(mesh)))
+  print(format_report(memory_report(config, mesh, compiled, setup), config, mesh,
+                      cost_report(compiled),
+                      collective_counts(compiled), device_capacity(mesh),
+                      step_time_bound(config, mesh)))
 
 
 if __name__ == '__main__':

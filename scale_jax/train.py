@@ -1,6 +1,7 @@
 r"""Pretrains SCALE. `train` reads top to bottom: setup, mesh, model and train step (the config
-checked first), evaluators, input, where the run starts, compilation, loop; the functions above
-it are its parts, and the model, optimizer and checkpoints are scale_jax/state.py's.
+checked first), evaluators, where the run starts, input (from the run's step), compilation, loop;
+the functions above it are its parts, and the model, optimizer and checkpoints are
+scale_jax/state.py's.
 
     python -m scale_jax.train --config configs/demo.py --workdir RUN [--config.x=y ...]
 
@@ -370,6 +371,7 @@ def train(config, workdir):
   def to_global(local_batch):
     return jax.tree.map(jax.make_array_from_process_local_data, setup.batch_shardings,
                         local_batch)
+
   first_step = int(state.step)
   if first_step >= config.total_steps:
     manager.close()

@@ -70,7 +70,7 @@ def test_compiles_for_an_abstract_tpu_slice_and_reports_its_memory():
   mesh = sharding.make_mesh(config.mesh, aot.tpu_devices('v5e:2x2'))
   assert {d.platform for d in mesh.devices.flat} == {'tpu'}
   setup, compiled = aot.compile_step(config, mesh)
-  report = aot.memory_report(config, mesh, compiled)
+  report = aot.memory_report(config, mesh, compiled, setup)
   # Sharded state bytes are exact, and the TPU compiler's figures are its own (TPU tiling pads
   # small arrays: the arguments exceed the state, unlike on the CPU).
   assert report['parameters + optimizer state'] == sharding.bytes_per_device(
@@ -79,9 +79,13 @@ def test_compiles_for_an_abstract_tpu_slice_and_reports_its_memory():
   assert 0 < report['total'] < aot.device_capacity(mesh) == 16 * 2 ** 30
   collectives = aot.collective_counts(compiled)
   assert collectives['all-gather'] > 0 and collectives['all-reduce'] > 0  # FSDP; gradient sums
+  bound = aot.step_time_bound(config, mesh)  # the model's FLOPs at v5e's 197 TFLOP/s
+  assert bound['seconds at peak'] == pytest.approx(
+      bound['model TFLOP per device'] / 197, rel=1e-9)
   text = aot.format_report(report, config, mesh, aot.cost_report(compiled), collectives,
-                           aot.device_capacity(mesh))
+                           aot.device_capacity(mesh), bound)
   assert 'on 4 abstract TPU v5 lite devices' in text and '% used: fits' in text
+  assert 'a lower bound on the step time' in text
   assert 'From the TPU compiler' in text
 
 
