@@ -62,7 +62,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from scale_jax import model_info, sharding
+from scale_jax import config_check, model_info, sharding
 from scale_jax.train import build_train_setup
 
 # HBM per chip (GiB), by the device_kind libtpu reports; a chip with two TensorCores shown as two
@@ -229,7 +229,10 @@ def main(argv):
   else:
     raise app.UsageError('give --topology (a TPU slice, e.g. v5e:16x16), a config with '
                          'pod.topology, or --mesh (fake CPU devices)')
-  setup, compiled = compile_step(config, mesh)
+  try:
+    setup, compiled = compile_step(config, mesh)
+  except config_check.ConfigError as e:
+    sys.exit(f'error: {e}')
   print(format_report(memory_report(config, mesh, compiled, setup), config, mesh,
                       cost_report(compiled),
                       collective_counts(compiled), device_capacity(mesh),

@@ -11,5 +11,6 @@ def get_config():
   c.batch_size = 4096
   c.mesh.update(data=1, fsdp=256, tensor=1)
   c.model.remat = 'full'
+  c.eval.batch_size = 1024  # a multiple of the 256 devices
   c.pod = dict(topology='v5e:16x16', slices=1)
   return c

@@ -10,6 +10,7 @@ from configs.pods import v5e_256
 def get_config():
   c = v5e_256.get_config()
   c.batch_size = 8192
+  c.eval.batch_size = 1024  # a multiple of the 512 devices
   c.mesh.update(data=2, fsdp=256, tensor=1, dcn_data=2)
   c.pod = dict(topology='v5e:16x16', slices=2)
   return c
