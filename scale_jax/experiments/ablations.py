@@ -59,12 +59,13 @@ class Study:
   combination: str = 'all'  # the features compared: 'all' (each run's modalities) or 'text+image'
   noisy: bool = False  # trained and evaluated on the catalogue with one modality as noise
   random_init: bool = False  # adds each run's random initialisation as a row
+  ladder: bool = False  # each run is compared with the one before it, not with the first
 
 
 STUDIES = {
     'pretraining': Study('pretraining helps on every task', (('SCALE', {}),), random_init=True),
     'ladder': Study('every added modality helps',
-                    tuple((label, {'modalities': ms}) for label, ms in LADDER)),
+                    tuple((label, {'modalities': ms}) for label, ms in LADDER), ladder=True),
     'clip': Study('SCALE beats a two-tower CLIP on image+text',
                   (('SCALE (all five)', {}), ('CLIP (text+image)', CLIP)), 'text+image'),
     'weighting': Study('self-harmonized weights help when modalities differ in quality',
@@ -207,13 +208,15 @@ def main(argv=None):
   print(f'{len(plan)} runs in {len(studies)} studies, {len(unique)} to train and evaluate; budget '
         f'per run {base.total_steps} steps x batch {base.batch_size} = '
         f'{base.total_steps * base.batch_size} products', flush=True)
+  cached = sum(os.path.exists(os.path.join(args.out, 'runs', k, 'eval')) for k in unique)
   for key, (config, random_init) in tqdm.tqdm(unique.items(), desc='ablation runs', unit='run'):
     results[key] = run(config, os.path.join(args.out, 'runs', key), random_init)
-  report = write_report(args, studies, plan, unique, results, noisy_name, time.time() - start)
+  report = write_report(args, studies, plan, unique, results, noisy_name, time.time() - start,
+                        cached)
   print(report)
 
 
-def write_report(args, studies, plan, unique, results, noisy_name, seconds) -> str:
+def write_report(args, studies, plan, unique, results, noisy_name, seconds, cached=0) -> str:
   """docs/results.md: per study a table of mean ± std over seeds, a plot, and the claim's reading."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -227,7 +230,9 @@ def write_report(args, studies, plan, unique, results, noisy_name, seconds) -> s
   lines = [
       '# Ablations: SCALE\'s claims on a controlled catalogue', '',
       f'Written by `python -m scale_jax.experiments.ablations {" ".join(_argv(args))}` on '
-      f'{_machine()}, {time.strftime("%Y-%m-%d")}, in {seconds / 60:.0f} min. Every run: '
+      f'{_machine()}, {time.strftime("%Y-%m-%d")}, in {seconds / 60:.0f} min'
+      + (f' ({cached} of the {len(unique)} runs were there already and not timed again)'
+         if cached else '') + '. Every run: '
       f'{base.total_steps} steps x batch {base.batch_size}, seeds 0..{args.seeds - 1}; the '
       f'loss changed by at most {100 * max(flat.values()):.1f}% over the last quarter of any '
       f'run (median {100 * np.median(list(flat.values())):.1f}%). Test split; mean ± std over '
@@ -257,7 +262,7 @@ def write_report(args, studies, plan, unique, results, noisy_name, seconds) -> s
               '| run | ' + ' | '.join(metrics) + ' |', '|---|' + '---|' * len(metrics)]
     for label, values in rows.items():
       lines.append(f'| {label} | ' + ' | '.join(summarise(values[m]) for m in metrics) + ' |')
-    lines += ['', f'![{name}](results/{name}.png)', '', _reading(rows, metrics), '']
+    lines += ['', f'![{name}](results/{name}.png)', '', _reading(rows, metrics, study.ladder), '']
     _bar_plot(plt, rows, metrics, f'{name}: {study.claim}', os.path.join(figures, f'{name}.png'))
     if study.noisy:
       lines += _weights_plot(plt, args, plan, name, noisy_name, figures)
@@ -272,12 +277,15 @@ def write_report(args, studies, plan, unique, results, noisy_name, seconds) -> s
   return text
 
 
-def _reading(rows, metrics) -> str:
-  """Whether the reference (first) row beats each other row on each metric, and by how much
-  against the spread over seeds (the two rows' standard deviations added)."""
+def _reading(rows, metrics, ladder=False) -> str:
+  """Whether the claim's row beats the row it is compared with, on each metric, and by how much
+  against the spread over seeds (the two rows' standard deviations added): the first row
+  against each other one, or (a ladder) each row against the one before it."""
   labels = list(rows)
-  first, out = labels[0], []
-  for other in labels[1:]:
+  pairs = (list(zip(labels[1:], labels[:-1])) if ladder
+           else [(labels[0], other) for other in labels[1:]])
+  out = []
+  for first, other in pairs:
     for m in metrics:
       a, b = np.asarray(rows[first][m]) * 100, np.asarray(rows[other][m]) * 100
       diff, spread = a.mean() - b.mean(), a.std() + b.std()
