@@ -121,6 +121,12 @@ def cost_report(compiled) -> dict:
   return out
 
 
+def _devices_per_chip(mesh) -> int:
+  """2 where each TensorCore of a chip is its own device, else 1: they share the chip's HBM and
+  FLOPs."""
+  return len({getattr(d, 'core_on_chip', 0) for d in mesh.devices.flat})
+
+
 def step_time_bound(config, mesh) -> dict | None:
   """The model's training FLOPs per device and step (model_info's formula: XLA's count covers
   one iteration of a scanned layer stack) and the step time they take at the chip's datasheet
@@ -128,7 +134,7 @@ def step_time_bound(config, mesh) -> dict | None:
   tflops = CHIP_BF16_TFLOPS.get(mesh.devices.flat[0].device_kind)
   if tflops is None:
     return None
-  cores = len({getattr(d, 'core_on_chip', 0) for d in mesh.devices.flat})
+  cores = _devices_per_chip(mesh)
   per_device = model_info.flops_per_example(config)['train'] * config.batch_size / mesh.size
   return {'model TFLOP per device': per_device / 1e12,
           'seconds at peak': per_device / (tflops * 1e12 / cores)}
@@ -140,7 +146,7 @@ def device_capacity(mesh) -> int | None:
   gib = CHIP_HBM_GIB.get(device.device_kind)
   if gib is None:
     return None
-  cores = len({getattr(d, 'core_on_chip', 0) for d in mesh.devices.flat})
+  cores = _devices_per_chip(mesh)
   return gib * 2 ** 30 // cores
 
 
