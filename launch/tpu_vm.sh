@@ -45,7 +45,7 @@ settings: flag, or environment variable
                                               home directory (default scale_jax)
   --python PY            TPU_PYTHON           setup: a Python >= 3.11 on the workers (default
                                               python3.11)
-  --extras EXTRAS        TPU_EXTRAS           setup: pip extras (default tpu)
+  --extras EXTRAS        TPU_EXTRAS           setup: pip extras (default tpu,gcs)
   --env NAME=VALUE                            run: an environment variable for the trainer
                                               (repeatable), e.g. JAX_COMPILATION_CACHE_DIR=gs://...
   --worker N             TPU_WORKER           tail: which worker (default 0)
@@ -85,7 +85,7 @@ name=${TPU_NAME:-} zone=${TPU_ZONE:-} project=${TPU_PROJECT:-}
 accelerator=${TPU_ACCELERATOR_TYPE:-} version=${TPU_RUNTIME_VERSION:-}
 spot=${TPU_SPOT:-0} preemptible=${TPU_PREEMPTIBLE:-0}
 repo_url=${TPU_REPO_URL:-} ref=${TPU_REPO_REF:-HEAD} dir=${TPU_REPO_DIR:-scale_jax}
-python=${TPU_PYTHON:-python3.11} extras=${TPU_EXTRAS:-tpu}
+python=${TPU_PYTHON:-python3.11} extras=${TPU_EXTRAS:-tpu,gcs}
 worker=${TPU_WORKER:-0} timeout=${TPU_STOP_TIMEOUT:-600} yes=0 dry_run=${DRY_RUN:-0}
 envs=() command='' positional=() trainer_args=()
 

@@ -21,7 +21,10 @@ events under RUN/tensorboard, and a progress bar on the console. docs/training.m
 import functools
 import json
 import os
+import pathlib
+import shutil
 import signal
+import tempfile
 import time
 from typing import Any, NamedTuple
 
@@ -32,6 +35,7 @@ import optax
 import orbax.checkpoint as ocp
 import tensorboardX
 import tqdm
+from etils import epath
 from jax.experimental import multihost_utils
 
 from scale_jax import (cli, config_check, evaluators, losses, modalities, model_info, run_config,
@@ -265,13 +269,29 @@ class PreemptionNotice:
 
 
 class MetricsWriter:
-  """metrics.jsonl (one object per logged step) and TensorBoard events; process 0 only."""
+  """metrics.jsonl (one object per logged step) and TensorBoard events from process 0; the
+  profiler traces of every process under `tensorboard_dir`.
 
-  def __init__(self, workdir):
+  A gs:// workdir gets them through a local staging directory (object stores cannot append): the
+  files are written there and each changed one is uploaded whole by `sync`, at most every
+  `sync_every_s` seconds on log steps, and always after a checkpoint, a trace and on close.
+  """
+
+  def __init__(self, workdir: str, sync_every_s: float = 60.0):
     self.active = jax.process_index() == 0
-    if self.active:
-      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-      self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.remote = '://' in workdir
+    self.workdir, self.sync_every_s, self.last_sync, self.uploaded = workdir, sync_every_s, 0.0, {}
+    self.local = tempfile.mkdtemp(prefix='scale_jax_run_') if self.remote else workdir
+    self.tensorboard_dir = os.path.join(self.local, 'tensorboard')
+    if not self.active:
+      return
+    jsonl = os.path.join(self.local, 'metrics.jsonl')
+    if self.remote and (epath.Path(workdir) / 'metrics.jsonl').exists():  # resumed: carry on
+      pathlib.Path(jsonl).write_bytes((epath.Path(workdir) / 'metrics.jsonl').read_bytes())
+    self.jsonl = open(jsonl, 'a', encoding='utf-8')
+    # tensorboardX names the file by the second it opened it: a suffix keeps a resume within the
+    # same second from overwriting it.
+    self.tb = tensorboardX.SummaryWriter(self.tensorboard_dir, filename_suffix=f'.{time.time_ns()}')
 
   def write(self, step, metrics):
     if not self.active:
@@ -281,18 +301,38 @@ class MetricsWriter:
     for k, v in metrics.items():
       self.tb.add_scalar(k, v, step)
     self.tb.flush()
+    if time.monotonic() - self.last_sync >= self.sync_every_s:
+      self.sync()
+
+  def sync(self):
+    """Uploads what changed in the staging directory (nothing to do for a local workdir)."""
+    if not self.remote:
+      return
+    for root, _, files in os.walk(self.local):
+      for name in files:
+        local = os.path.join(root, name)
+        stat = os.stat(local)
+        if self.uploaded.get(local) != (stat.st_size, stat.st_mtime_ns):
+          target = epath.Path(self.workdir) / os.path.relpath(local, self.local)
+          target.parent.mkdir(parents=True, exist_ok=True)
+          target.write_bytes(pathlib.Path(local).read_bytes())
+          self.uploaded[local] = (stat.st_size, stat.st_mtime_ns)
+    self.last_sync = time.monotonic()
 
   def close(self):
     if self.active:
       self.jsonl.close()
       self.tb.close()
+    self.sync()
+    if self.remote:
+      shutil.rmtree(self.local, ignore_errors=True)
 
 
 def train(config, workdir):
   """Trains to config.total_steps (resuming from the workdir); returns the final TrainState."""
   # ----------------------------------------------------------------------------------------------
   # Setup.
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   log = print if jax.process_index() == 0 else (lambda *a, **k: None)
 
   # ----------------------------------------------------------------------------------------------
@@ -407,7 +447,7 @@ def train(config, workdir):
   try:
     for step in range(first_step + 1, config.total_steps + 1):
       if profile.steps and step == profile.start:
-        jax.profiler.start_trace(os.path.join(workdir, 'tensorboard'))
+        jax.profiler.start_trace(writer.tensorboard_dir)
         tracing = True
       t = time.perf_counter()
       batch = to_global(next(data_iter))
@@ -416,6 +456,7 @@ def train(config, workdir):
       if tracing and step == profile.start + profile.steps - 1:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
+        writer.sync()
         tracing = False
 
       if step % config.log_every == 0 or step == config.total_steps:
@@ -446,6 +487,7 @@ def train(config, workdir):
         check_finite(state, metrics, manager)  # never save a state after a non-finite step
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
                      force=True)
+        writer.sync()  # a remote workdir's metrics are never behind its checkpoints
       progress.update(1)
       if preempted:
         manager.wait_until_finished()

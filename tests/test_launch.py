@@ -138,7 +138,7 @@ def test_setup_copies_this_checkout_and_installs_the_extra():
   ssh_target(ssh)
   script = worker_script(ssh)
   assert 'python3.11 -m venv .venv;' in script
-  assert ".venv/bin/python -m pip install -q -e '.[tpu]';" in script
+  assert ".venv/bin/python -m pip install -q -e '.[tpu,gcs]';" in script
   assert 'git fetch -q "$HOME"/scale_jax.bundle HEAD;' in script
 
 
@@ -258,7 +258,7 @@ def test_setup_script_installs_and_updates(tmp_path, source):
   assert (checkout / 'old.py').exists() and (checkout / '.venv' / 'bin' / 'python').exists()
   calls = (home / 'calls.log').read_text().splitlines()
   assert calls == [f'{checkout}|-m venv .venv', f'{checkout}|-m pip install -q --upgrade pip',
-                   f'{checkout}|-m pip install -q -e .[tpu]']
+                   f'{checkout}|-m pip install -q -e .[tpu,gcs]']
   # A new commit: tracked files follow it, the venv stays (not made again).
   git('rm', '-q', 'old.py', cwd=src)
   git('commit', '-q', '-m', 'two', cwd=src)

@@ -3,7 +3,8 @@ r"""Builds the TFDS dataset and the tokenizer from a raw layout.
     python -m scale_jax.data.build --raw DIR_OR_MANIFEST --out DIR [--test-fraction 0.15]
         [--val-fraction 0.05] [--strict] [--workers N]
 
-Writes OUT/tokenizer.model, OUT/scale_products/1.2.0/ (array_record, splits train, validation and
+Writes (to a local OUT; copy it to a bucket afterwards, and runs read it from there, gs:// or
+local) OUT/tokenizer.model, OUT/scale_products/1.2.0/ (array_record, splits train, validation and
 test), OUT/categories.json (the category names by dense label and the instance count),
 OUT/presence.npz (each split's `present` and `features_present`, in record order) and
 OUT/build_report.json (every problem found, by kind). Splits go by instance, so no physical
@@ -15,6 +16,7 @@ and skipped; `--strict` stops at the first problem instead, naming the file and 
 """
 import argparse
 import collections
+import io
 import json
 import multiprocessing
 import os
@@ -25,6 +27,7 @@ import zlib
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
+from etils import epath
 
 from scale_jax import modalities
 from scale_jax.modalities import MODALITIES
@@ -63,21 +66,20 @@ def _rebuild_hint(data_dir: str) -> str:
 
 def load_categories(data_dir: str) -> list[str]:
   """The category names by dense label id."""
-  path = categories_path(data_dir)
-  if not os.path.isfile(path):
+  path = epath.Path(categories_path(data_dir))
+  if not path.is_file():
     raise FileNotFoundError(f'{path}: no category names here; {_rebuild_hint(data_dir)}')
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)['categories']
+  return json.loads(path.read_text(encoding='utf-8'))['categories']
 
 
 def load_presence(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(present, features_present) of a split: bool [records, modalities], row i = record i of the
   split's data source, so products can be chosen by modality without reading their records."""
-  path = presence_path(data_dir)
-  if not os.path.isfile(path):
+  path = epath.Path(presence_path(data_dir))
+  if not path.is_file():
     raise FileNotFoundError(f'{path}: no presence index here (datasets built before version '
                             f'{VERSION} have none); {_rebuild_hint(data_dir)}')
-  with np.load(path) as index:
+  with np.load(io.BytesIO(path.read_bytes())) as index:
     if f'{split}_present' not in index:
       splits = [k[:-len('_features_present')] for k in index if k.endswith('_features_present')]
       raise KeyError(f'{path}: no split {split!r} (it has {", ".join(splits)})')

@@ -23,6 +23,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags, logging
+from etils import epath
 
 from scale_jax import modalities
 from scale_jax.data import build, media, tokenizer
@@ -31,7 +32,7 @@ from scale_jax.data import build, media, tokenizer
 def open_split(data_dir: str, split: str):
   """Random-access source over one split of a dataset written by scale_jax.data.build."""
   path = build.dataset_dir(data_dir)
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():
     raise FileNotFoundError(
         f'{path}: no dataset here; build one with '
         f'`python -m scale_jax.data.build --raw RAW_DIR --out {data_dir}`')

@@ -4,6 +4,7 @@ import io
 import numpy as np
 import sentencepiece as spm
 import tqdm
+from etils import epath
 
 # The ids train_tokenizer fixes; defined beside the token modalities that use them.
 from scale_jax.modalities.base import CLS, MASK, PAD, SEP, SPECIAL_IDS, UNK  # pylint: disable=W0611
@@ -35,7 +36,9 @@ def train_tokenizer(sentences: list, model_path: str, vocab_size: int,
 
 
 def load_tokenizer(model_path: str) -> spm.SentencePieceProcessor:
-  tok = spm.SentencePieceProcessor(model_file=model_path)
+  """The tokenizer at model_path, local or gs:// (read as bytes: sentencepiece opens local files
+  only)."""
+  tok = spm.SentencePieceProcessor(model_proto=epath.Path(model_path).read_bytes())
   specials = [tok.id_to_piece(i) for i in (PAD, CLS, SEP, MASK)]
   if specials != ['[PAD]', '[CLS]', '[SEP]', '[MASK]']:
     raise ValueError(f'{model_path}: not a tokenizer written by scale_jax.data.build (special '

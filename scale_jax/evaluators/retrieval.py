@@ -4,6 +4,7 @@ Features are L2-normalised by the caller, so the dot product is the cosine simil
 here holds a full queries x gallery matrix: top_k works through blocks of query rows.
 """
 import numpy as np
+from etils import epath
 
 from scale_jax.data import pipeline
 from scale_jax.evaluators import base
@@ -205,8 +206,8 @@ class Evaluator(base.Evaluator):
       if not path:
         out[which] = None
         continue
-      with open(path, encoding='utf-8') as fh:
-        listed = {line.strip() for line in fh if line.strip()}
+      lines = epath.Path(path).read_text(encoding='utf-8').splitlines()
+      listed = {line.strip() for line in lines if line.strip()}
       out[which] = np.flatnonzero(np.isin(ids, list(listed)))
     return out
 
