@@ -4,7 +4,8 @@ the machine's own matmul ceiling measured in the same run.
     python benchmarks/train_step.py --config configs/clip_peer.py [--config.x=y ...] [--steps 10]
         [--matmul float32,bf16_operands --rounds 3] [--peak_tflops_per_device T]
 
-Reports per variant the median seconds per step, examples/s, the step's FLOPs as XLA counts them
+Reports per variant the median seconds per step, examples/s, the step's memory (XLA's buffer
+assignment; and the process's peak resident memory), the step's FLOPs as XLA counts them
 in the compiled program (forward + backward + optimizer, attention included), and the achieved
 fraction (MFU) of the ceiling: the best of 5 runs of a 2048^3 float32 matmul (and bf16, for a
 bf16 variant) on one device, measured here before the steps and again after them, so the figure
@@ -17,18 +18,15 @@ Record results, with the machine, in docs/benchmarks.md.
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from scale_jax import modalities, sharding
-from scale_jax.train import build_train_setup, xla_flops
+from benchmarks import timing
 
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'config file (configs/*.py)',
                                 lock_config=True)
@@ -36,45 +34,6 @@ flags.DEFINE_integer('steps', 10, 'timed steps per variant and round')
 flags.DEFINE_string('matmul', None, 'model.matmul values, comma-separated, timed in turn')
 flags.DEFINE_integer('rounds', 1, 'timing rounds over the variants (interleaved)')
 flags.DEFINE_float('peak_tflops_per_device', 0.0, 'a datasheet peak to report MFU against too')
-
-
-def matmul_ceiling_tflops(dtype, n=2048, repeats=5) -> float:
-  """TFLOP/s of the best of `repeats` n^3 matmuls on one device: what XLA's matmul reaches."""
-  a = jax.device_put(jnp.ones((n, n), dtype), jax.local_devices()[0])
-  matmul = jax.jit(lambda a: a @ a)
-  matmul(a).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    t = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best / 1e12
-
-
-def compile_step(config):
-  """The compiled train step, its state and batch, XLA's FLOP count and the compile time."""
-  mesh = sharding.make_mesh(config.mesh)
-  setup = build_train_setup(config, mesh)  # the trainer's own step, built the trainer's way
-  state = setup.init(jax.random.key(0))
-  batch = modalities.random_batch(config, config.batch_size, np.random.default_rng(0))
-  batch = jax.device_put(batch, setup.batch_shardings)
-  t = time.perf_counter()
-  compiled = setup.train_step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t
-  state, metrics = compiled(state, batch)  # warm-up
-  jax.block_until_ready(metrics)
-  return compiled, state, batch, xla_flops(compiled, mesh.size), compile_s
-
-
-def time_steps(compiled, state, batch, steps):
-  """Seconds of each of `steps` steps (each waited for); the advanced state."""
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-  return times, state
 
 
 def main(argv):
@@ -85,24 +44,25 @@ def main(argv):
   datasheet = f.peak_tflops_per_device or config.peak_tflops_per_device
   dtypes = {'float32'} | {'bfloat16' for v in variants if 'bf16' in v}
   dtypes |= {str(jnp.dtype(config.model.dtype))}
-  ceiling = {d: matmul_ceiling_tflops(d) for d in sorted(dtypes)}
+  ceiling = {d: timing.matmul_ceiling_tflops(d) for d in sorted(dtypes)}
   runs = {}
   for matmul in variants:
     c = config.copy_and_resolve_references()
     c.model.matmul = matmul
-    runs[matmul] = [c, *compile_step(c), []]
+    runs[matmul] = [c, *timing.compile_step(c), []]
   for i in range(f.rounds):
     for matmul, run in runs.items():
       c, compiled, state, batch, flops, compile_s, all_times = run
-      times, run[2] = time_steps(compiled, state, batch, f.steps)
+      times, run[2] = timing.time_steps(compiled, state, batch, f.steps)
       all_times += times
       print(f'round {i + 1}, matmul {matmul}: median {statistics.median(times):.3f} s/step '
             f'(min {min(times):.3f})', flush=True)
-  after = {d: matmul_ceiling_tflops(d) for d in ceiling}  # the machine may have changed meanwhile
+  # Again after the steps: the machine may have changed meanwhile.
+  after = {d: timing.matmul_ceiling_tflops(d) for d in ceiling}
   devices = jax.device_count()
   print(f'ceiling (2048^3 matmul, best of 5, one device): ' + ', '.join(
       f'{d} {1e3 * ceiling[d]:.0f} GFLOP/s before, {1e3 * after[d]:.0f} after' for d in ceiling))
-  for matmul, (c, _, _, _, flops, compile_s, all_times) in runs.items():
+  for matmul, (c, compiled, _, _, flops, compile_s, all_times) in runs.items():
     seconds = statistics.median(all_times)
     gflops = flops / 1e9 / seconds
     # bf16 operands run the matmuls at the bf16 rate; everything else at the config's dtype.
@@ -115,7 +75,9 @@ def main(argv):
             f'the measured {dtype} matmul ceiling ({peak:.0f} GFLOP/s)')
     if datasheet:
       line += f', {100 * gflops / (1e3 * devices * datasheet):.1f}% of {datasheet:g} TFLOP/s/device'
-    print(line + f' (compile {compile_s:.1f} s)', flush=True)
+    print(line + f'; {timing.step_memory_gb(compiled):.2f} GB of buffers (XLA: arguments, '
+          f'outputs, temporaries); compile {compile_s:.1f} s', flush=True)
+  print(f'peak resident memory of this process: {timing.peak_rss_gb():.2f} GB (all variants)')
   first = runs[variants[0]][-1]
   print(f'step_ms {1e3 * statistics.median(first):.1f}')
 

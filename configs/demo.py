@@ -72,6 +72,9 @@ def get_config():
       encoder_layers=2,  # per modality
       share_text_table=False,  # one encoder for text and table (the released code shares it)
       share_image_video=False,  # one encoder for image and video frames (likewise)
+      # The image, video and audio encoders' heads and MLP width; 0: heads and mlp_dim (the
+      # released code's media encoders: 8 heads, MLP 1024).
+      media_heads=0, media_mlp_dim=0,
       joint_layers=2,  # the joint co-transformer over all modalities' tokens; 0 = no fusion
       type_embedding=True,  # modality-type embedding in the joint co-transformer
       absent='mask',  # absent modalities: 'mask' out of attention, or 'zero' (released code)
@@ -84,8 +87,10 @@ def get_config():
       dtype='float32',  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
       remat='none',  # per block: 'none', 'full' (recompute all) or 'dots' (keep matmul outputs)
       scan_layers=False,  # one compiled block per encoder, parameters stacked (faster compile)
-      # Dense layers' matmuls: 'float32', or 'bf16_operands' (bf16 inputs, f32 accumulation, f32
-      # parameters and gradients; faster on CPUs with AVX512_BF16, docs/benchmarks.md).
+      # Dense layers' matmuls: 'float32', 'float32_direct_dw' (the kernel gradient in one dot,
+      # without transposed copies; faster on Intel Xeon only) or 'bf16_operands' (bf16 inputs,
+      # f32 accumulation, f32 parameters and gradients; faster on CPUs with AVX512_BF16 only).
+      # Choose per machine with benchmarks/train_step.py --matmul (docs/benchmarks.md).
       matmul='float32',
   )
   # Coefficient of each objective in the total loss.

@@ -8,7 +8,9 @@
 set -euo pipefail
 n=${1:?number of processes}; config=${2:?config file}; workdir=${3:?workdir}; shift 3
 port=${PORT:-12355}
-export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES:-2}" JAX_PLATFORMS=cpu
+# Appended: XLA reads flags in order, so this device count wins over one already given.
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${DEVICES:-2}"
+export JAX_PLATFORMS=cpu
 pids=()
 # A SIGTERM to this script reaches every process (each saves at the same step and exits 0).
 trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM INT

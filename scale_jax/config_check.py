@@ -11,10 +11,12 @@ class ConfigError(ValueError):
 
 def _model_problems(m) -> list:
   problems = []
-  if m.width % m.heads:
-    fits = [h for h in range(1, m.heads + 1) if m.width % h == 0][-1]
-    problems.append(f'config.model.width={m.width} does not split into config.model.heads='
-                    f'{m.heads} heads; e.g. --config.model.heads={fits}')
+  for field in ('heads', 'media_heads'):
+    heads = m.get(field, 0)
+    if heads and m.width % heads:
+      fits = [h for h in range(1, heads + 1) if m.width % h == 0][-1]
+      problems.append(f'config.model.width={m.width} does not split into config.model.{field}='
+                      f'{heads} heads; e.g. --config.model.{field}={fits}')
   choices = {'weighting': losses.WEIGHTINGS, 'contrastive': ('infonce', 'nt_xent'),
              'absent': ('mask', 'zero'), 'masked_heads_on': ('joint', 'encoder'),
              'remat': tuple(layers.REMAT_POLICIES), 'matmul': tuple(layers.MATMULS),

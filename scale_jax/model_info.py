@@ -4,7 +4,8 @@ r"""Parameters per part and model FLOPs per training example of a config, withou
 
 FLOPs per training example, counting multiply-adds as 2 FLOPs, matmuls only (no softmax,
 normalisation, activations, optimizer):
-  transformer layer over T tokens, width D, MLP width F:  2T(4D^2 + 2DF) + 4T^2 D
+  transformer layer over T tokens, width D, MLP width F (model.media_mlp_dim for the media
+      encoders where set):  2T(4D^2 + 2DF) + 4T^2 D
       (q, k, v and output projections, the MLP, then attention scores and the weighted sum)
   per modality: its encoder layers over its T_m tokens; patch embedding 2(T_m - 1) P_m D;
       contrastive projection 2 D E
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 
 from scale_jax import modalities, state
+from scale_jax.model.scale import encoder_shape
 
 
 def layer_flops(tokens, width, mlp):
@@ -37,7 +39,8 @@ def flops_per_example(config) -> dict:
   d, f = m.width, m.mlp_dim
   parts = {}
   for k in names:
-    parts[k] = (m.encoder_layers * layer_flops(counts[k], d, f) + 2 * d * m.embed_dim
+    parts[k] = (m.encoder_layers * layer_flops(counts[k], d, encoder_shape(m, k)[1])
+                + 2 * d * m.embed_dim
                 + modalities.get(k).embed_flops(config[k], d))
   parts['joint'] = m.joint_layers * layer_flops(sum(counts.values()), d, f)
   parts['heads'] = sum(modalities.get(k).head_flops(config[k], d, m.vocab_size)

@@ -37,11 +37,10 @@ def test_parse_mesh():
     aot.parse_mesh('data=2,model=4')
 
 
-def test_aot_command_compiles_for_fake_devices_and_reports_memory(tmp_path_factory):
-  # The subprocess sets its own device count (4 again: the program is test_trainer's, which a
-  # shared compilation cache may hold already): give it the environment without conftest's flag.
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(
-      tmp_path_factory.getbasetemp() / 'jax-compilation-cache'))
+def test_aot_command_compiles_for_fake_devices_and_reports_memory():
+  # The subprocess sets its own device count (4 again: the program is test_trainer's, which the
+  # suite's compilation cache may hold already): give it the environment without conftest's flag.
+  env = dict(os.environ)
   env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace(
       ' --xla_force_host_platform_device_count=4', '')
   proc = subprocess.run(

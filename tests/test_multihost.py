@@ -16,7 +16,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from configs import tiny
 from scale_jax import train as trainer
@@ -43,16 +42,6 @@ def rows_of(workdir):
   train = {r['step']: r for r in rows if 'loss' in r}
   evals = [r for r in rows if any(k.startswith('eval/') for k in r)]
   return train, evals
-
-
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  path = str(tmp_path_factory.getbasetemp() / 'jax-compilation-cache')  # test_trainer's too
-  compilation_cache.set_cache_dir(path)
-  compilation_cache.reset_cache()
-  yield path
-  jax.config.update('jax_compilation_cache_dir', None)
-  compilation_cache.reset_cache()
 
 
 def run_config(data_dir):

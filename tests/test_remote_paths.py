@@ -104,7 +104,8 @@ def test_a_gs_data_dir_gives_its_tokenizer_categories_and_presence(gcs, data_dir
     target.write_bytes(epath.Path(path(data_dir)).read_bytes())
   assert pipeline.vocab_size(remote) == pipeline.vocab_size(data_dir)
   assert build.load_categories(remote) == build.load_categories(data_dir)
-  for got, want in zip(build.load_presence(remote, 'train'), build.load_presence(data_dir, 'train')):
+  for got, want in zip(build.load_presence(remote, "train"),
+                       build.load_presence(data_dir, "train")):
     np.testing.assert_array_equal(got, want)
   with pytest.raises(FileNotFoundError, match='gs://bucket/empty/categories.json'):
     build.load_categories(str(gcs / 'empty'))

@@ -2,11 +2,12 @@
 accumulation, checkpoint policy, init_from, restore onto another mesh, a non-finite loss, and a
 run preempted with SIGTERM, then killed with SIGKILL, then finished, against one uninterrupted run.
 
-One compiled program (the step of TINY below) serves most tests: a persistent compilation cache
-shared with the subprocesses lets each of them load it instead of compiling it again. TINY trains
-two modalities, text and image (a token and a patch objective, one contrastive pair, 2 x 2
-harmonized weights): the trainer's code paths are the same as with five, and the step compiles
-about 3 x faster (the five-modality step runs in test_train_eval.py and test_model.py).
+One compiled program (the step of TINY below) serves most tests: the suite's persistent
+compilation cache (conftest.py), shared with the subprocesses, lets each of them load it instead
+of compiling it again. TINY trains two modalities, text and image (a token and a patch
+objective, one contrastive pair, 2 x 2 harmonized weights): the trainer's code paths are the same
+as with five, and the step compiles about 3 x faster (the five-modality step runs in
+test_train_eval.py and test_model.py).
 """
 import json
 import os
@@ -22,7 +23,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from configs import tiny
 from scale_jax import cli, sharding
@@ -52,17 +52,6 @@ def cli_args(data_dir, **overrides):
   return ['--config', 'configs/tiny.py', f'--config.data.dir={data_dir}'] + [
       f'--config.{k}={v!r}' if isinstance(v, tuple) else f'--config.{k}={v}'
       for k, v in {**TINY, **overrides}.items()]
-
-
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  """A persistent compilation cache for this module and its subprocesses."""
-  path = str(tmp_path_factory.getbasetemp() / 'jax-compilation-cache')
-  compilation_cache.set_cache_dir(path)
-  compilation_cache.reset_cache()
-  yield path
-  jax.config.update('jax_compilation_cache_dir', None)
-  compilation_cache.reset_cache()
 
 
 def read_metrics(workdir):

@@ -1,4 +1,5 @@
 """Transformer building blocks with logical axis names on every parameter and activation."""
+import functools
 import math
 
 from typing import Any
@@ -74,8 +75,58 @@ def bf16_operands_dot_general(lhs, rhs, dimension_numbers, precision=None,
   return out.reshape(outer + rhs.shape[n:]).astype(jnp.result_type(lhs, rhs))
 
 
-# model.matmul -> the `dot_general` of every Dense/DenseGeneral (None: flax's lax.dot_general).
-MATMULS = {'float32': None, 'bf16_operands': bf16_operands_dot_general}
+# model.matmul='float32_direct_dw': plain dot_generals, with a custom VJP for the kernel gradient.
+# Autodiff transposes a dense layer's dW = x^T dy into a dot of dy^T followed by a transpose of
+# the result, and XLA:CPU materialises the transposed copies of dy (one per layer, the size of
+# the activations) before a slower dot; contracting the token axes of x and dy in one
+# dot_general gives dW straight in the kernel's layout. dx is autodiff's own form. Same
+# arithmetic, same gradients (tests/test_matmul.py). Faster on an Intel Xeon, not on an AMD EPYC
+# (docs/benchmarks.md): an opt-in, chosen per machine by benchmarks/train_step.py --matmul.
+def _contracting(lhs_ndim: int, n: int):
+  """Dense/DenseGeneral's dimension numbers: lhs's last n axes with rhs's first n."""
+  return ((tuple(range(lhs_ndim - n, lhs_ndim)), tuple(range(n))), ((), ()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_dot(lhs, rhs, n):
+  return jax.lax.dot_general(lhs, rhs, _contracting(lhs.ndim, n))
+
+
+def _dense_dot_fwd(lhs, rhs, n):
+  return _dense_dot(lhs, rhs, n), (lhs, rhs)
+
+
+def _dense_dot_bwd(n, res, dy):
+  lhs, rhs = res
+  outer = lhs.ndim - n  # the batch and token axes
+  # dx [outer..., K...] = dy [outer..., N...] . rhs [K..., N...] over N
+  dx = jax.lax.dot_general(dy, rhs, ((tuple(range(outer, dy.ndim)), tuple(range(n, rhs.ndim))),
+                                     ((), ())))
+  # dW [K..., N...] = lhs [outer..., K...] . dy [outer..., N...] over the outer axes
+  dw = jax.lax.dot_general(lhs, dy, ((tuple(range(outer)), tuple(range(outer))), ((), ())))
+  return dx.astype(lhs.dtype), dw.astype(rhs.dtype)
+
+
+_dense_dot.defvjp(_dense_dot_fwd, _dense_dot_bwd)
+
+
+def direct_dw_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                          preferred_element_type=None):
+  """lax.dot_general's signature for flax's `dot_general=`, for what Dense and DenseGeneral ask
+  (lhs's trailing axes contracted with rhs's leading ones, no batch axes), with the direct dW."""
+  del precision, preferred_element_type
+  (lc, rc), (lb, rb) = dimension_numbers
+  n = len(lc)
+  if lb or rb or tuple(a % lhs.ndim for a in lc) != _contracting(lhs.ndim, n)[0][0] or (
+      tuple(rc) != tuple(range(n))):
+    raise NotImplementedError(f'direct_dw_dot_general: dimension numbers {dimension_numbers}')
+  return _dense_dot(lhs, rhs, n)
+
+
+# model.matmul -> the `dot_general` of every Dense/DenseGeneral (None: flax's lax.dot_general
+# with autodiff's gradient, the default and the reference the other two are tested against).
+MATMULS = {'float32': None, 'float32_direct_dw': direct_dw_dot_general,
+           'bf16_operands': bf16_operands_dot_general}
 
 
 def dot_general_for(matmul: str):

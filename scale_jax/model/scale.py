@@ -20,6 +20,15 @@ def _param(module, name, shape, axes, init=nn.initializers.normal(0.02)):
   return module.param(name, partitioned(init, axes), shape)
 
 
+def encoder_shape(m, modality: str) -> tuple[int, int]:
+  """(heads, MLP width) of a modality's encoder: model.heads and mlp_dim, or for the image,
+  video and audio encoders model.media_heads and media_mlp_dim where set (the released code's
+  media encoders are narrower than its text encoder)."""
+  if modalities.get(modality).discrete:
+    return m.heads, m.mlp_dim
+  return m.get('media_heads', 0) or m.heads, m.get('media_mlp_dim', 0) or m.mlp_dim
+
+
 class Scale(nn.Module):
   """Maps a batch (scale_jax.data.pipeline format) to the embeddings and predictions that
   scale_jax.losses turns into the SCALE objective. `config` is the whole (frozen) run config;
@@ -36,14 +45,14 @@ class Scale(nn.Module):
     dims = {k: specs[k].patch_dim(c[k]) for k in self.modalities if not specs[k].discrete}
     matmul = m.get('matmul', 'float32')  # configs saved before the field existed: float32
     dot_general = dot_general_for(matmul)  # of every Dense here and in the encoders
-    encoder = lambda: Encoder(m.encoder_layers, m.heads, m.mlp_dim, self.dtype, m.remat,
-                              m.scan_layers, matmul, self.mesh)
+    encoder = lambda k: Encoder(m.encoder_layers, *encoder_shape(m, k), self.dtype, m.remat,
+                                m.scan_layers, matmul, self.mesh)
     owner = {k: k for k in self.modalities}  # whose encoder each modality runs through
     for switch, (a, b) in SHARED_ENCODERS.items():
       if m[switch] and a in owner and b in owner:
         owner[b] = a  # b shares a's encoder: one set of parameters, named after a
     self.encoder_owner = owner
-    self.encoders = {k: encoder() for k in self.modalities if owner[k] == k}
+    self.encoders = {k: encoder(k) for k in self.modalities if owner[k] == k}
     if any(s.discrete for s in specs.values()):
       # Text and table share one vocabulary, so they share one token embedding (and the MLM/MEM
       # decoders are tied to it).

@@ -1,0 +1,62 @@
+"""What the step benchmarks share: the machine's matmul ceiling, our compiled train step on random
+inputs, and its timing."""
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scale_jax import modalities, sharding
+from scale_jax.train import build_train_setup, xla_flops
+
+
+def matmul_ceiling_tflops(dtype, n=2048, repeats=5) -> float:
+  """TFLOP/s of the best of `repeats` n^3 matmuls on one device: what XLA's matmul reaches."""
+  a = jax.device_put(jnp.ones((n, n), dtype), jax.local_devices()[0])
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best / 1e12
+
+
+def compile_step(config):
+  """The compiled train step, its state and batch, XLA's FLOP count and the compile time."""
+  mesh = sharding.make_mesh(config.mesh)
+  setup = build_train_setup(config, mesh)  # the trainer's own step, built the trainer's way
+  state = setup.init(jax.random.key(0))
+  batch = modalities.random_batch(config, config.batch_size, np.random.default_rng(0))
+  batch = jax.device_put(batch, setup.batch_shardings)
+  t = time.perf_counter()
+  compiled = setup.train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  state, metrics = compiled(state, batch)  # warm-up
+  jax.block_until_ready(metrics)
+  return compiled, state, batch, xla_flops(compiled, mesh.size), compile_s
+
+
+def time_steps(compiled, state, batch, steps):
+  """Seconds of each of `steps` steps (each waited for); the advanced state."""
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  return times, state
+
+
+def step_memory_gb(compiled) -> float:
+  """What XLA allocates for one step: arguments, outputs and temporaries (donated arguments, which
+  the outputs reuse, counted once)."""
+  m = compiled.memory_analysis()
+  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+          - m.alias_size_in_bytes) / 1e9
+
+
+def peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux

@@ -1,0 +1,130 @@
+r"""Our clip_peer train step against open_clip's at the same dimensions, side by side in one run
+on this machine, each against its own library's matmul ceiling measured in the same run.
+
+    pip install -e '.[peers]'    # open_clip and torch; never part of make demo or make test
+    python benchmarks/vs_open_clip.py [--config configs/clip_peer.py] [--config.x=y ...]
+        [--steps 5] [--rounds 4] [--threads N]
+
+Both steps: a two-tower CLIP with the config's dimensions (image size and patch, text length and
+vocabulary, width, depth, heads, MLP width, embedding), the symmetric InfoNCE loss with a learned
+temperature, AdamW, the config's batch, f32, random inputs (no input pipeline). The two are timed
+in alternating rounds of --steps steps, so that a change in the machine's load hits both alike.
+Each round's ceiling is a 2048^3 f32 matmul, best of 5, in XLA and in torch. The report: median
+seconds per step each, our speed-up over open_clip, and each step's FLOP rate (XLA's count of our
+compiled step, the same math for both) as a fraction of both ceilings. The last line is
+`speedup <open_clip s/step / ours>`. Record results, with the machine, in docs/benchmarks.md.
+"""
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+try:
+  import open_clip
+  import torch
+except ImportError as e:
+  sys.exit(f'{e}: this benchmark needs the peers extra: pip install -e \'.[peers]\'')
+
+from benchmarks import timing as ours
+
+config_flags.DEFINE_config_file('config', 'configs/clip_peer.py', 'config file (configs/*.py)',
+                                lock_config=True)
+flags.DEFINE_integer('steps', 5, 'timed steps per side and round')
+flags.DEFINE_integer('rounds', 4, 'alternating rounds')
+flags.DEFINE_integer('threads', 0, 'torch threads (0: the number of cores, as XLA uses)')
+
+
+def open_clip_step(config):
+  """open_clip's CLIP at the config's dimensions, with its ClipLoss and AdamW: a step function."""
+  m = config.model
+  if m.width % m.heads:
+    raise ValueError(f'config.model.width={m.width} does not split into {m.heads} heads')
+  model = open_clip.CLIP(
+      embed_dim=m.embed_dim,
+      vision_cfg=dict(image_size=config.image.size, patch_size=config.image.patch, width=m.width,
+                      layers=m.encoder_layers, head_width=m.width // m.heads,
+                      mlp_ratio=m.mlp_dim / m.width),
+      text_cfg=dict(context_length=config.text.max_len, vocab_size=m.vocab_size, width=m.width,
+                    heads=m.heads, layers=m.encoder_layers, mlp_ratio=m.mlp_dim / m.width))
+  o = config.optimizer
+  optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2),
+                                weight_decay=o.weight_decay)
+  loss_fn = open_clip.ClipLoss()
+  gen = torch.Generator().manual_seed(0)
+  images = torch.randn(config.batch_size, 3, config.image.size, config.image.size, generator=gen)
+  texts = torch.randint(0, m.vocab_size, (config.batch_size, config.text.max_len), generator=gen)
+  model.train()
+
+  def step():
+    out = model(images, texts)
+    loss = loss_fn(out['image_features'], out['text_features'], out['logit_scale'])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss)  # waits for the step, as block_until_ready does on our side
+
+  params = sum(p.numel() for p in model.parameters())
+  return step, params
+
+
+def torch_ceiling_tflops(n=2048, repeats=5) -> float:
+  a = torch.ones(n, n)
+  a @ a
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    a @ a
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best / 1e12
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  config = f.config
+  torch.set_num_threads(f.threads or os.cpu_count())
+  compiled, state, batch, flops, compile_s = ours.compile_step(config)
+  theirs, their_params = open_clip_step(config)
+  theirs()  # warm-up
+  our_params = sum(x.size for x in jax.tree.leaves(state.params))
+  print(f'parameters: ours {our_params / 1e6:.2f} M, open_clip {their_params / 1e6:.2f} M; '
+        f'our step compiled in {compile_s:.1f} s, {flops / 1e9:.1f} GFLOP per step (XLA count)',
+        flush=True)
+  times = {'ours': [], 'open_clip': []}
+  ceilings = {'xla': [], 'torch': []}
+  for i in range(f.rounds):
+    ceilings['xla'].append(ours.matmul_ceiling_tflops('float32'))
+    ceilings['torch'].append(torch_ceiling_tflops())
+    t, state = ours.time_steps(compiled, state, batch, f.steps)
+    times['ours'] += t
+    their = []
+    for _ in range(f.steps):
+      t0 = time.perf_counter()
+      theirs()
+      their.append(time.perf_counter() - t0)
+    times['open_clip'] += their
+    print(f'round {i + 1}: ours {statistics.median(t):.3f} s/step, open_clip '
+          f'{statistics.median(their):.3f}; ceilings XLA {1e3 * ceilings["xla"][-1]:.0f}, torch '
+          f'{1e3 * ceilings["torch"][-1]:.0f} GFLOP/s', flush=True)
+  xla, tch = (1e3 * max(ceilings[k]) for k in ('xla', 'torch'))
+  median = {k: statistics.median(v) for k, v in times.items()}
+  print(f'{config_flags.get_config_filename(f["config"])} batch {config.batch_size}, '
+        f'{os.cpu_count()} cores, torch {torch.__version__}, open_clip {open_clip.__version__}; '
+        f'f32 matmul ceilings (2048^3, best of the rounds): XLA {xla:.0f} GFLOP/s, torch '
+        f'{tch:.0f}')
+  for name, seconds in median.items():
+    rate = flops / 1e9 / seconds
+    print(f'{name}: {seconds:.3f} s/step (median of {len(times[name])}), '
+          f'{config.batch_size / seconds:.1f} examples/s, {rate:.0f} GFLOP/s = '
+          f'{100 * rate / xla:.0f}% of the XLA ceiling, {100 * rate / tch:.0f}% of torch\'s')
+  print(f'speedup {median["open_clip"] / median["ours"]:.3f}')
+
+
+if __name__ == '__main__':
+  app.run(main)

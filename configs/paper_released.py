@@ -1,0 +1,29 @@
+r"""SCALE at the sizes of the authors' released code, for like-for-like speed comparisons with it
+(docs/benchmarks.md): the paper's widths and depths, with the released code's structure.
+
+    python benchmarks/train_step.py --config configs/paper_released.py --config.batch_size=16
+
+Against configs/paper.py:
+- text and table share one encoder, image and video share another (model.share_*);
+- the image, video and audio encoders are narrower: 8 heads and MLP width 1024, where the text
+  encoder and the joint co-transformer keep 12 heads and 3072 (model.media_*);
+- a 21128-token vocabulary (the Chinese BERT vocabulary the authors tokenise with);
+- pre-extracted features, in the authors' token shapes: 36 image regions of 2048 values (Faster
+  R-CNN), 12 video clips of 1024 (S3D), 80 mel bands of 751 frames for audio;
+- the released code's behaviours: masked heads on the per-modality encoders, absent modalities as
+  zero vectors, no modality-type embedding.
+Training on M5Product in this form needs a dataset built with those feature arrays
+(docs/data.md); the benchmark needs none (random inputs of these shapes).
+"""
+from configs import paper
+
+
+def get_config():
+  c = paper.get_config()
+  c.image.update(source='features', feature_tokens=36, feature_dim=2048)
+  c.video.update(source='features', feature_tokens=12, feature_dim=1024)
+  c.audio.update(source='features', feature_tokens=80, feature_dim=751)
+  c.model.update(vocab_size=21128, share_text_table=True, share_image_video=True,
+                 media_heads=8, media_mlp_dim=1024, masked_heads_on='encoder', absent='zero',
+                 type_embedding=False)
+  return c
