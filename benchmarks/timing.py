@@ -24,15 +24,16 @@ def matmul_ceiling_tflops(dtype, n=2048, repeats=5) -> float:
   return 2 * n ** 3 / best / 1e12
 
 
-def compile_step(config):
-  """The compiled train step, its state and batch, XLA's FLOP count and the compile time."""
+def compile_step(config, compiler_options=None):
+  """The compiled train step (with XLA `compiler_options`, e.g. {'xla_cpu_...': '...'}), its state
+  and batch, XLA's FLOP count and the compile time."""
   mesh = sharding.make_mesh(config.mesh)
   setup = build_train_setup(config, mesh)  # the trainer's own step, built the trainer's way
   state = setup.init(jax.random.key(0))
   batch = modalities.random_batch(config, config.batch_size, np.random.default_rng(0))
   batch = jax.device_put(batch, setup.batch_shardings)
   t = time.perf_counter()
-  compiled = setup.train_step.lower(state, batch).compile()
+  compiled = setup.train_step.lower(state, batch).compile(compiler_options=compiler_options)
   compile_s = time.perf_counter() - t
   state, metrics = compiled(state, batch)  # warm-up
   jax.block_until_ready(metrics)

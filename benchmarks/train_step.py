@@ -2,7 +2,8 @@ r"""Times the jitted SCALE train step of a config on this machine's devices, wit
 the machine's own matmul ceiling measured in the same run.
 
     python benchmarks/train_step.py --config configs/clip_peer.py [--config.x=y ...] [--steps 10]
-        [--matmul float32,bf16_operands --rounds 3] [--peak_tflops_per_device T]
+        [--matmul float32,bf16_operands --rounds 3] [--xla_option KEY=VALUE ...]
+        [--peak_tflops_per_device T]
 
 Reports per variant the median seconds per step, examples/s, the step's memory (XLA's buffer
 assignment; and the process's peak resident memory), the step's FLOPs as XLA counts them
@@ -12,7 +13,9 @@ bf16 variant) on one device, measured here before the steps and again after them
 is this machine's at this hour, never a constant; with --peak_tflops_per_device (or the config's
 peak_tflops_per_device) also against that datasheet figure. Several comma-separated --matmul
 values (model.matmul) are compiled once each and timed in turn, --rounds times, so that a change
-in the machine's load hits them alike. The last line is `step_ms <median of the first variant>`.
+in the machine's load hits them alike; with --xla_option each is also compiled with those XLA
+compiler options (e.g. xla_cpu_experimental_ynn_fusion_type=-individual_dot) and timed beside
+it. The last line is `step_ms <median of the first variant>`.
 Record results, with the machine, in docs/benchmarks.md.
 """
 import os
@@ -33,6 +36,8 @@ config_flags.DEFINE_config_file('config', 'configs/demo.py', 'config file (confi
 flags.DEFINE_integer('steps', 10, 'timed steps per variant and round')
 flags.DEFINE_string('matmul', None, 'model.matmul values, comma-separated, timed in turn')
 flags.DEFINE_integer('rounds', 1, 'timing rounds over the variants (interleaved)')
+flags.DEFINE_multi_string('xla_option', [], 'KEY=VALUE XLA compiler options: each variant is '
+                          'also timed compiled with them')
 flags.DEFINE_float('peak_tflops_per_device', 0.0, 'a datasheet peak to report MFU against too')
 
 
@@ -45,31 +50,34 @@ def main(argv):
   dtypes = {'float32'} | {'bfloat16' for v in variants if 'bf16' in v}
   dtypes |= {str(jnp.dtype(config.model.dtype))}
   ceiling = {d: timing.matmul_ceiling_tflops(d) for d in sorted(dtypes)}
+  options = dict(o.split('=', 1) for o in f.xla_option)
   runs = {}
   for matmul in variants:
     c = config.copy_and_resolve_references()
     c.model.matmul = matmul
     runs[matmul] = [c, *timing.compile_step(c), []]
+    if options:
+      runs[f'{matmul} + {" ".join(f.xla_option)}'] = [c, *timing.compile_step(c, options), []]
   for i in range(f.rounds):
-    for matmul, run in runs.items():
+    for label, run in runs.items():
       c, compiled, state, batch, flops, compile_s, all_times = run
       times, run[2] = timing.time_steps(compiled, state, batch, f.steps)
       all_times += times
-      print(f'round {i + 1}, matmul {matmul}: median {statistics.median(times):.3f} s/step '
+      print(f'round {i + 1}, matmul {label}: median {statistics.median(times):.3f} s/step '
             f'(min {min(times):.3f})', flush=True)
   # Again after the steps: the machine may have changed meanwhile.
   after = {d: timing.matmul_ceiling_tflops(d) for d in ceiling}
   devices = jax.device_count()
   print(f'ceiling (2048^3 matmul, best of 5, one device): ' + ', '.join(
       f'{d} {1e3 * ceiling[d]:.0f} GFLOP/s before, {1e3 * after[d]:.0f} after' for d in ceiling))
-  for matmul, (c, compiled, _, _, flops, compile_s, all_times) in runs.items():
+  for label, (c, compiled, _, _, flops, compile_s, all_times) in runs.items():
     seconds = statistics.median(all_times)
     gflops = flops / 1e9 / seconds
     # bf16 operands run the matmuls at the bf16 rate; everything else at the config's dtype.
-    dtype = 'bfloat16' if 'bf16' in matmul else str(jnp.dtype(c.model.dtype))
+    dtype = 'bfloat16' if 'bf16' in c.model.matmul else str(jnp.dtype(c.model.dtype))
     peak = 1e3 * devices * max(ceiling[dtype], after[dtype])
     line = (f'{config_flags.get_config_filename(f["config"])} batch {c.batch_size} matmul '
-            f'{matmul} on {devices} x {jax.devices()[0].device_kind}: {seconds:.3f} s/step '
+            f'{label} on {devices} x {jax.devices()[0].device_kind}: {seconds:.3f} s/step '
             f'(median of {len(all_times)}), {c.batch_size / seconds:.1f} examples/s, '
             f'{flops / 1e9:.1f} GFLOP/step, {gflops:.1f} GFLOP/s = {100 * gflops / peak:.1f}% of '
             f'the measured {dtype} matmul ceiling ({peak:.0f} GFLOP/s)')

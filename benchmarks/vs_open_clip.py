@@ -51,7 +51,8 @@ def open_clip_step(config):
                       layers=m.encoder_layers, head_width=m.width // m.heads,
                       mlp_ratio=m.mlp_dim / m.width),
       text_cfg=dict(context_length=config.text.max_len, vocab_size=m.vocab_size, width=m.width,
-                    heads=m.heads, layers=m.encoder_layers, mlp_ratio=m.mlp_dim / m.width))
+                    heads=m.heads, layers=m.encoder_layers, mlp_ratio=m.mlp_dim / m.width),
+      output_dict=True)
   o = config.optimizer
   optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2),
                                 weight_decay=o.weight_decay)

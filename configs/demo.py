@@ -52,9 +52,11 @@ def get_config():
   # frames at 1 fps, audio 12 s at 16 kHz with n_fft 1024 / hop 256 / 80 mel bands.
   # A modality whose masked objective is off (its config.loss coefficient or mask_rate 0) is seen
   # clean: neither masked nor corrupted.
-  c.text = dict(max_len=16, mask_rate=0.15)
+  # max_masked: at most this many masked tokens per product (a random subset of more), and the
+  # head decodes only those (BERT's max_predictions_per_seq); 0 decodes every position.
+  c.text = dict(max_len=16, mask_rate=0.15, max_masked=0)
   # mask_unit: 'entity' masks whole keys or values (the paper's MEM), 'token' word pieces (MLM's).
-  c.table = dict(max_len=32, mask_rate=0.15, mask_unit='entity')
+  c.table = dict(max_len=32, mask_rate=0.15, mask_unit='entity', max_masked=0)
   # source='features' reads the product's pre-extracted `{m}_features` array (docs/data.md)
   # instead of decoding media: its first feature_tokens rows of feature_dim values each.
   features = dict(source='media', feature_tokens=0, feature_dim=0)

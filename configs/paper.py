@@ -25,6 +25,11 @@ def get_config():
   c.data.update(num_workers=-1, read_threads=4, prefetch=512, cache_mb=0)  # 6.3M products
   c.text.max_len = 36
   c.table.max_len = 64
+  # MLM/MEM logits over the 32000-token vocabulary at the masked tokens only, not at all 100
+  # positions: about twice the expected count (15% of 34 word pieces; 15% of the pairs, one side
+  # each), so under 1% of captions lose a masked token to the limit.
+  c.text.max_masked = 12
+  c.table.max_masked = 24
   c.image.update(size=192, patch=32)  # 6 x 6 = 36 patches (the paper's 36 regions)
   c.video.update(num_frames=12, frame_size=16, fps=1.0)  # 12 frames at 1 fps
   # 12 s at 16 kHz, n_fft 1024, hop 256, 80 mel bands: 747 frames (no centring), the first 740

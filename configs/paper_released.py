@@ -12,6 +12,9 @@ Against configs/paper.py:
   R-CNN), 12 video clips of 1024 (S3D), 80 mel bands of 751 frames for audio;
 - the released code's behaviours: masked heads on the per-modality encoders, absent modalities as
   zero vectors, no modality-type embedding.
+Kept from configs/paper.py: the MLM/MEM logits at the masked tokens only (text/table.max_masked);
+--config.text.max_masked=0 --config.table.max_masked=0 decode every position, the authors' FLOPs
+(1888 GFLOP per step at batch 16 by model_info's formula, theirs 1897; 1785 with the limits).
 Training on M5Product in this form needs a dataset built with those feature arrays
 (docs/data.md); the benchmark needs none (random inputs of these shapes).
 """

@@ -177,7 +177,11 @@ def scale_objective(outputs, batch, config, masked_counts=None):
     masked = batch[f'{k}_masked'] & present[:, i, None]
     count = None if masked_counts is None else masked_counts[spec.objective]
     if spec.discrete:
-      loss = token_loss(pred, batch[f'{k}_target'], masked, self_w[:, i], count)
+      targets, decoded = batch[f'{k}_target'], outputs.get('decoded', {}).get(k)
+      if decoded is not None:  # predictions at these positions only (config.<k>.max_masked)
+        masked = jnp.take_along_axis(masked, decoded, axis=1)
+        targets = jnp.take_along_axis(targets, decoded, axis=1)
+      loss = token_loss(pred, targets, masked, self_w[:, i], count)
     else:
       loss = regression_loss(pred, batch[f'{k}_input'], masked, self_w[:, i], count)
     terms[spec.objective] = loss

@@ -428,3 +428,29 @@ def test_mem_masks_whole_entities(config):
       assert out['table_masked'][entities == e].all()  # the whole key or value
       hits += 1
   assert hits > 0
+
+
+def test_max_masked_limits_a_row_and_leaves_rows_within_it_alone(config):
+  """config.text.max_masked: a product with more masked tokens keeps a random max_masked of
+  them (and only those are corrupted); one within the limit gets the very mask it had."""
+  source = pipeline.open_split(config.data.dir, 'train')
+  pre = pipeline.Preprocess(pipeline._plain(config))
+  config.text.mask_rate = 0.5
+  free = pipeline.Mask(pipeline._plain(config), np.arange(5, 400), 0, len(source))
+  config.text.max_masked = 3
+  limited = pipeline.Mask(pipeline._plain(config), np.arange(5, 400), 0, len(source))
+  cut = kept = 0
+  for i in range(30):
+    ex = pre.map(source[i])
+    a = free.draw(dict(ex), np.random.default_rng(i))['text_masked']
+    out = limited.draw(dict(ex), np.random.default_rng(i))
+    b = out['text_masked']
+    assert b.sum() <= 3 and not (b & ~a).any()  # a subset of the mask it would have had
+    if a.sum() > 3:
+      assert b.sum() == 3
+      cut += 1
+    else:
+      np.testing.assert_array_equal(a, b)
+      kept += 1
+    assert not ((out['text_input'] != out['text_target']) & ~b).any()
+  assert cut and kept

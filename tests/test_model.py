@@ -183,3 +183,24 @@ def test_bfloat16_compute_keeps_float32_parameters(setup, data_dir):
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(grads))
   assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in terms.values())
+
+
+def test_decoding_only_the_masked_tokens_changes_nothing(setup, data_dir):
+  """config.<text|table>.max_masked: the MLM/MEM heads decode the masked positions only, and
+  the objective and its gradient are those of decoding every position."""
+  config, _, _, batch, _ = setup
+  limits = {m: max(1, int(batch[f'{m}_masked'].sum(1).max())) for m in ('text', 'table')}
+  assert all(limits[m] < config[m].max_len for m in limits)  # fewer positions really decoded
+  limited = _variant(data_dir)
+  for m, limit in limits.items():
+    limited[m].max_masked = limit
+  params, loss, terms, grads = _loss_and_grads(limited, batch)
+  _, ref_loss, ref_terms, ref_grads = _loss_and_grads(_variant(data_dir), batch)
+  for k in ref_terms:
+    np.testing.assert_allclose(terms[k], ref_terms[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  out = jax.jit(build_model(limited).apply)({'params': params}, batch)
+  for m, limit in limits.items():
+    assert out['predictions'][m].shape == (config.batch_size, limit, config.model.vocab_size)

@@ -177,7 +177,8 @@ class Mask(grain.transforms.MapWithIndex):
     modality; drops what only the masks needed."""
     for m in self.cfg['masked']:
       spec = modalities.get(m)
-      masked = ex[f'{m}_masked'] = spec.draw_mask(ex, rng, self.cfg[m])
+      masked = spec.limit_masked(spec.draw_mask(ex, rng, self.cfg[m]), rng, self.cfg[m])
+      ex[f'{m}_masked'] = masked
       if spec.discrete:
         ex[f'{m}_target'] = ex[f'{m}_input']
         ex[f'{m}_input'] = spec.corrupt(ex[f'{m}_input'], masked, rng, self.replacement_ids)

@@ -58,7 +58,8 @@ def dummy_batch(config, batch_size: int, train: bool = True) -> dict:
 
 def random_batch(config, batch_size: int, rng: np.random.Generator) -> dict:
   """dummy_batch's shapes with random content: every modality present, 15% of the positions of
-  the masked modalities masked (benchmarks and tests that need no dataset)."""
+  the masked modalities masked, within their max_masked (benchmarks and tests that need no
+  dataset)."""
   batch = dummy_batch(config, batch_size)
   for k, v in batch.items():
     if k.endswith('_input') and v.dtype == np.float32:
@@ -68,5 +69,7 @@ def random_batch(config, batch_size: int, rng: np.random.Generator) -> dict:
     elif k.endswith('_valid') or k == 'present':
       batch[k] = np.ones(v.shape, bool)
     elif k.endswith('_masked'):
-      batch[k] = rng.random(v.shape) < 0.15
+      m = k[:-len('_masked')]
+      batch[k] = np.stack([REGISTRY[m].limit_masked(row, rng, config[m])
+                           for row in rng.random(v.shape) < 0.15])
   return batch

@@ -79,6 +79,15 @@ class Modality:
     maskable = self.maskable(ex, c)
     return maskable & (rng.random(maskable.shape) < c['mask_rate'])
 
+  def limit_masked(self, masked: np.ndarray, rng: np.random.Generator, c) -> np.ndarray:
+    """The mask cut down to what the head decodes (TokenModality: max_masked); unchanged here."""
+    del rng, c
+    return masked
+
+  def decoded_positions(self, c) -> int:
+    """Positions the masked objective's head decodes per example."""
+    return self.positions(c)
+
   def batch_spec(self, c, train: bool, masked: bool) -> dict:
     """{key: (shape per example, dtype)} of this modality's arrays in a batch."""
     raise NotImplementedError
@@ -114,6 +123,22 @@ class TokenModality(Modality):
     tokens = ex[f'{self.name}_input']
     return ex[f'{self.name}_valid'] & (tokens != CLS) & (tokens != SEP)
 
+  def limit_masked(self, masked, rng, c):
+    """At most c['max_masked'] masked positions (0: no limit), as BERT's max_predictions_per_seq:
+    a row with more keeps a random max_masked of them, so the model decodes max_masked positions
+    per row, not max_len (tokens nobody predicts need no logits over the vocabulary). Rows within
+    the limit keep their mask and the random stream unchanged."""
+    limit = c.get('max_masked', 0)
+    chosen = np.flatnonzero(masked)
+    if not limit or len(chosen) <= limit:
+      return masked
+    kept = np.zeros_like(masked)
+    kept[rng.choice(chosen, limit, replace=False)] = True
+    return kept
+
+  def decoded_positions(self, c):
+    return c.get('max_masked', 0) or self.positions(c)
+
   def corrupt(self, tokens, masked, rng, replacement_ids) -> np.ndarray:
     """BERT's corruption of the masked positions: 80% [MASK], 10% a random token of the
     tokenizer's vocabulary (`replacement_ids`), 10% unchanged."""
@@ -131,8 +156,9 @@ class TokenModality(Modality):
     return spec
 
   def head_flops(self, c, width, vocab_size):
-    # dense transform, then logits over the vocabulary (tied to the token embedding)
-    t = self.num_tokens(c)
+    # dense transform, then logits over the vocabulary (tied to the token embedding), at the
+    # decoded positions only
+    t = self.decoded_positions(c)
     return 2 * t * width * width + 2 * t * width * vocab_size
 
   def check(self, c):
@@ -140,6 +166,10 @@ class TokenModality(Modality):
     if c['max_len'] < 2:
       problems.append(f'config.{self.name}.max_len={c["max_len"]} leaves no room after [CLS]; '
                       f'e.g. 16')
+    if not 0 <= c.get('max_masked', 0) <= c['max_len']:
+      problems.append(f'config.{self.name}.max_masked={c["max_masked"]} must be in [0, max_len='
+                      f'{c["max_len"]}] (0: decode every position); e.g. '
+                      f'{min(c["max_len"], max(1, round(2 * c["mask_rate"] * c["max_len"])))}')
     return problems
 
 

@@ -142,17 +142,23 @@ class Scale(nn.Module):
     # The paper predicts masked tokens from the joint outputs; the released code from each
     # modality's own encoder.
     source = fused_tokens if m.masked_heads_on == 'joint' else encoded
-    predictions = {}
+    predictions, decoded = {}, {}
     for k in modalities.masked(self.config):
       if modalities.get(k).discrete:
-        h = self.token_head(source[k])
+        h, masked = source[k], batch.get(f'{k}_masked')
+        limit = self.config[k].get('max_masked', 0)
+        if limit and masked is not None:  # decode only the (at most `limit`) masked positions
+          decoded[k] = jnp.argsort(~masked, axis=1, stable=True)[:, :limit]  # masked first
+          h = jnp.take_along_axis(h, decoded[k][..., None], axis=1)
+        h = self.token_head(h)
         predictions[k] = self.token_embed.attend(h.astype(jnp.float32)) + self.token_bias
       else:
         predictions[k] = self.patch_heads[k](source[k][:, 1:]).astype(jnp.float32)
     out = {'z': z,  # [B, M, E] unit contrastive embeddings, before fusion
            'fused': jnp.stack([fused_tokens[k][:, 0] for k in self.modalities], 1).astype(
                jnp.float32),  # [B, M, D] each modality's global token after fusion
-           'predictions': predictions,
+           'predictions': predictions,  # [B, L, ...], or [B, max_masked, ...] at `decoded`
+           'decoded': decoded,  # [B, max_masked] positions of each limited token modality
            'temperature': (jnp.exp(self.log_temperature) if m.learn_temperature
                            else jnp.float32(m.temperature))}
     if m.weighting == 'learned':
