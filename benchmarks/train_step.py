@@ -3,6 +3,7 @@ the machine's own matmul ceiling measured in the same run.
 
     python benchmarks/train_step.py --config configs/clip_peer.py [--config.x=y ...] [--steps 10]
         [--matmul float32,bf16_operands --rounds 3] [--xla_option KEY=VALUE ...]
+        [--compare 'text.max_masked=0 table.max_masked=0' ...]
         [--peak_tflops_per_device T]
 
 Reports per variant the median seconds per step, examples/s, the step's memory (XLA's buffer
@@ -14,10 +15,14 @@ is this machine's at this hour, never a constant; with --peak_tflops_per_device 
 peak_tflops_per_device) also against that datasheet figure. Several comma-separated --matmul
 values (model.matmul) are compiled once each and timed in turn, --rounds times, so that a change
 in the machine's load hits them alike; with --xla_option each is also compiled with those XLA
-compiler options (e.g. xla_cpu_experimental_ynn_fusion_type=-individual_dot) and timed beside
-it. The last line is `step_ms <median of the first variant>`.
+compiler options (e.g. xla_cpu_enable_fast_math=true; a list-valued option such as
+xla_cpu_experimental_ynn_fusion_type=-individual_dot goes through XLA_FLAGS, for the whole run) and
+timed beside it; each --compare adds a variant of the config with those overrides
+(space-separated). With several variants it names the fastest here: choose model.matmul per
+machine that way. The last line is `step_ms <median of the first variant>`.
 Record results, with the machine, in docs/benchmarks.md.
 """
+import ast
 import os
 import statistics
 import sys
@@ -38,6 +43,8 @@ flags.DEFINE_string('matmul', None, 'model.matmul values, comma-separated, timed
 flags.DEFINE_integer('rounds', 1, 'timing rounds over the variants (interleaved)')
 flags.DEFINE_multi_string('xla_option', [], 'KEY=VALUE XLA compiler options: each variant is '
                           'also timed compiled with them')
+flags.DEFINE_multi_string('compare', [], 'space-separated config overrides KEY=VALUE: one more '
+                          'variant each, timed beside the others')
 flags.DEFINE_float('peak_tflops_per_device', 0.0, 'a datasheet peak to report MFU against too')
 
 
@@ -58,6 +65,16 @@ def main(argv):
     runs[matmul] = [c, *timing.compile_step(c), []]
     if options:
       runs[f'{matmul} + {" ".join(f.xla_option)}'] = [c, *timing.compile_step(c, options), []]
+  for overrides in f.compare:
+    c = config.copy_and_resolve_references()
+    for item in overrides.split():
+      key, value = item.split('=', 1)
+      *sections, leaf = key.split('.')
+      node = c
+      for section in sections:
+        node = node[section]
+      node[leaf] = ast.literal_eval(value)
+    runs[f'{c.model.matmul}, {overrides}'] = [c, *timing.compile_step(c), []]
   for i in range(f.rounds):
     for label, run in runs.items():
       c, compiled, state, batch, flops, compile_s, all_times = run
@@ -86,6 +103,9 @@ def main(argv):
     print(line + f'; {timing.step_memory_gb(compiled):.2f} GB of buffers (XLA: arguments, '
           f'outputs, temporaries); compile {compile_s:.1f} s', flush=True)
   print(f'peak resident memory of this process: {timing.peak_rss_gb():.2f} GB (all variants)')
+  if len(runs) > 1:  # what to set on this machine (docs/benchmarks.md: it differs by CPU)
+    fastest = min(runs, key=lambda label: statistics.median(runs[label][-1]))
+    print(f'fastest here: {fastest}')
   first = runs[variants[0]][-1]
   print(f'step_ms {1e3 * statistics.median(first):.1f}')
 

@@ -68,7 +68,7 @@ def open_clip_step(config):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return float(loss)  # waits for the step, as block_until_ready does on our side
+    return loss.item()  # waits for the step, as block_until_ready does on our side
 
   params = sum(p.numel() for p in model.parameters())
   return step, params

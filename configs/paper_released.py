@@ -11,7 +11,8 @@ Against configs/paper.py:
 - pre-extracted features, in the authors' token shapes: 36 image regions of 2048 values (Faster
   R-CNN), 12 video clips of 1024 (S3D), 80 mel bands of 751 frames for audio;
 - the released code's behaviours: masked heads on the per-modality encoders, absent modalities as
-  zero vectors, no modality-type embedding.
+  zero vectors, no modality-type embedding, and gradient through the harmonized weights (the
+  joint co-transformer's only way to the loss once the heads read the encoders).
 Kept from configs/paper.py: the MLM/MEM logits at the masked tokens only (text/table.max_masked);
 --config.text.max_masked=0 --config.table.max_masked=0 decode every position, the authors' FLOPs
 (1888 GFLOP per step at batch 16 by model_info's formula, theirs 1897; 1785 with the limits).
@@ -28,5 +29,5 @@ def get_config():
   c.audio.update(source='features', feature_tokens=80, feature_dim=751)
   c.model.update(vocab_size=21128, share_text_table=True, share_image_video=True,
                  media_heads=8, media_mlp_dim=1024, masked_heads_on='encoder', absent='zero',
-                 type_embedding=False)
+                 type_embedding=False, stop_gradient_weights=False)
   return c

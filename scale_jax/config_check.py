@@ -27,6 +27,22 @@ def _model_problems(m) -> list:
   return problems
 
 
+def _joint_problems(config) -> list:
+  """A joint co-transformer that no loss reaches would stay at its initialisation, and the
+  product features (its outputs) with it."""
+  m = config.model
+  heads = m.masked_heads_on == 'joint' and modalities.masked(config)
+  weights = m.weighting == 'harmonized' and not m.stop_gradient_weights
+  if not m.joint_layers or heads or weights:
+    return []
+  return [f'config.model.joint_layers={m.joint_layers}: the joint co-transformer would never '
+          f'train. Its outputs reach the loss through the masked heads (masked_heads_on=\'joint\' '
+          f'with a masked objective on; here {m.masked_heads_on!r}) or through the harmonized '
+          f'weights (weighting=\'harmonized\' with stop_gradient_weights=False; here '
+          f'{m.weighting!r}, {m.stop_gradient_weights}). Set one of those (the released code: '
+          f'--config.model.stop_gradient_weights=False), or --config.model.joint_layers=0']
+
+
 def _batch_problems(config, mesh) -> list:
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   problems = []
@@ -61,6 +77,7 @@ def check(config, mesh=None) -> None:
   for m in names:
     problems += modalities.get(m).check(config[m])
   problems += _model_problems(config.model)
+  problems += _joint_problems(config)
   for objective, coefficient in config.loss.items():
     if coefficient < 0:
       problems.append(f'config.loss.{objective}={coefficient} must be >= 0')

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from configs import clip_peer, paper, tiny
+from configs import clip_peer, paper, paper_released, tiny
 from scale_jax import config_check, modalities, sharding
 from scale_jax.data import build, media, pipeline, tokenizer
 from scale_jax.modalities import audio
@@ -128,6 +128,11 @@ BAD_CONFIGS = {
                    'data x fsdp; e.g. --config.eval.batch_size=4'),
     'batch': (lambda c: c.update(batch_size=10), 'config.batch_size=10 does not split'),
     'table unit': (lambda c: c.table.update(mask_unit='word'), "config.table.mask_unit='word'"),
+    'max masked': (lambda c: c.text.update(max_masked=13),
+                   'config.text.max_masked=13 must be in [0, max_len=12]'),
+    # Heads on the encoders and no gradient through the weights: no loss reaches the joint.
+    'untrained joint': (lambda c: c.model.update(masked_heads_on='encoder'),
+                        'config.model.joint_layers=1: the joint co-transformer would never train'),
 }
 
 
@@ -147,5 +152,5 @@ def test_config_problems_are_named_before_any_work(name, tmp_path):
 
 
 def test_shipped_configs_pass_the_check():
-  for module in (tiny, clip_peer, paper):
+  for module in (tiny, clip_peer, paper, paper_released):
     config_check.check(module.get_config())
