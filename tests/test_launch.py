@@ -213,7 +213,7 @@ echo "$PWD|$*" >> "$HOME/calls.log"
 FAKE_TRAINER = """#!/usr/bin/env bash
 # Records its argv and environment, then runs until a SIGTERM, as the trainer: save, exit 0.
 printf '%s\\n' "$@" > "$HOME/argv.txt"
-env > "$HOME/env.txt"
+env > "$HOME/env.tmp" && mv "$HOME/env.tmp" "$HOME/env.txt"  # whole when it appears
 trap 'echo "saved at the current step"; exit 0' TERM
 echo training
 while :; do sleep 0.05; done
