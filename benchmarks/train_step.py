@@ -35,6 +35,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import timing
+from scale_jax import run_config
 
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'config file (configs/*.py)',
                                 lock_config=True)
@@ -66,14 +67,8 @@ def main(argv):
     if options:
       runs[f'{matmul} + {" ".join(f.xla_option)}'] = [c, *timing.compile_step(c, options), []]
   for overrides in f.compare:
-    c = config.copy_and_resolve_references()
-    for item in overrides.split():
-      key, value = item.split('=', 1)
-      *sections, leaf = key.split('.')
-      node = c
-      for section in sections:
-        node = node[section]
-      node[leaf] = ast.literal_eval(value)
+    c = run_config.with_overrides(config, {key: ast.literal_eval(value) for key, value in (
+        item.split('=', 1) for item in overrides.split())})
     runs[f'{c.model.matmul}, {overrides}'] = [c, *timing.compile_step(c), []]
   for i in range(f.rounds):
     for label, run in runs.items():

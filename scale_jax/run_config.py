@@ -25,6 +25,18 @@ def save(config, workdir: str) -> None:
   path(workdir).write_text(config.to_json(indent=1, sort_keys=True) + '\n')
 
 
+def with_overrides(config, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of config with each {'a.b': value} set, as --config.a.b=value sets it."""
+  config = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *sections, leaf = key.split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    node[leaf] = value
+  return config
+
+
 def _tuples(value):
   """JSON's lists back to the tuples the configs hold (and --config.x=y can override)."""
   if isinstance(value, dict):

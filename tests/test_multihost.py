@@ -19,6 +19,7 @@ import pytest
 
 from configs import tiny
 from scale_jax import train as trainer
+from scale_jax.run_config import with_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two modalities compile ~3 x faster than five; the multi-process code paths are the same.
@@ -45,14 +46,8 @@ def rows_of(workdir):
 
 
 def run_config(data_dir):
-  config = tiny.get_config()
+  config = with_overrides(tiny.get_config(), RUN)
   config.data.dir = data_dir
-  for key, value in RUN.items():
-    *sections, leaf = key.split('.')
-    node = config
-    for section in sections:
-      node = node[section]
-    node[leaf] = value
   return config
 
 

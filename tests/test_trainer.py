@@ -29,6 +29,7 @@ from scale_jax import cli, sharding
 from scale_jax import state as run_state
 from scale_jax import train as trainer
 from scale_jax.data import pipeline
+from scale_jax.run_config import with_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The run every comparison uses: 12 steps on a data=2 x fsdp=2 mesh, a checkpoint every 3.
@@ -37,14 +38,8 @@ TINY = {'modalities': ('text', 'image'), 'mesh.data': 2, 'mesh.fsdp': 2, 'total_
 
 
 def tiny_config(data_dir, **overrides):
-  c = tiny.get_config()
+  c = with_overrides(tiny.get_config(), {**TINY, **overrides})
   c.data.dir = data_dir
-  for key, value in {**TINY, **overrides}.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
   return c
 
 

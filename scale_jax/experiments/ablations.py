@@ -35,6 +35,8 @@ import time
 import numpy as np
 import tqdm
 
+from scale_jax import run_config
+
 # The metric each study reports per evaluator of configs/ablation.py.
 HEADLINE = (('coarse', 'mAP@1'), ('across', 'mAP@1'), ('fine', 'mAP@1'), ('probe', 'accuracy'),
             ('clustering', 'NMI'))
@@ -89,13 +91,7 @@ def load_config(spec: str):
 
 
 def with_overrides(base, overrides, seed, data_dir):
-  config = base.copy_and_resolve_references()
-  for key, value in overrides.items():
-    *sections, leaf = key.split('.')
-    node = config
-    for section in sections:
-      node = node[section]
-    node[leaf] = value
+  config = run_config.with_overrides(base, overrides)
   config.seed, config.data.dir = seed, data_dir
   return config
 

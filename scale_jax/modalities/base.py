@@ -84,10 +84,6 @@ class Modality:
     del rng, c
     return masked
 
-  def decoded_positions(self, c) -> int:
-    """Positions the masked objective's head decodes per example."""
-    return self.positions(c)
-
   def batch_spec(self, c, train: bool, masked: bool) -> dict:
     """{key: (shape per example, dtype)} of this modality's arrays in a batch."""
     raise NotImplementedError
@@ -136,7 +132,8 @@ class TokenModality(Modality):
     kept[rng.choice(chosen, limit, replace=False)] = True
     return kept
 
-  def decoded_positions(self, c):
+  def decoded_positions(self, c) -> int:
+    """Positions the head decodes per example: max_masked, or every one."""
     return c.get('max_masked', 0) or self.positions(c)
 
   def corrupt(self, tokens, masked, rng, replacement_ids) -> np.ndarray:

@@ -146,8 +146,8 @@ class Scale(nn.Module):
     for k in modalities.masked(self.config):
       if modalities.get(k).discrete:
         h, masked = source[k], batch.get(f'{k}_masked')
-        limit = self.config[k].get('max_masked', 0)
-        if limit and masked is not None:  # decode only the (at most `limit`) masked positions
+        limit = modalities.get(k).decoded_positions(self.config[k])  # config.<k>.max_masked
+        if limit < h.shape[1] and masked is not None:  # only the (at most `limit`) masked ones
           decoded[k] = jnp.argsort(~masked, axis=1, stable=True)[:, :limit]  # masked first
           h = jnp.take_along_axis(h, decoded[k][..., None], axis=1)
         h = self.token_head(h)
