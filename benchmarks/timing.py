@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scale_jax import modalities, sharding
+from scale_jax import model_info, modalities, sharding
 from scale_jax.train import build_train_setup, xla_flops
 
 
@@ -26,7 +26,7 @@ def matmul_ceiling_tflops(dtype, n=2048, repeats=5) -> float:
 
 def compile_step(config, compiler_options=None):
   """The compiled train step (with XLA `compiler_options`, e.g. {'xla_cpu_...': '...'}), its state
-  and batch, XLA's FLOP count and the compile time."""
+  and batch, its FLOPs per step (see step_flops) and the compile time."""
   mesh = sharding.make_mesh(config.mesh)
   setup = build_train_setup(config, mesh)  # the trainer's own step, built the trainer's way
   state = setup.init(jax.random.key(0))
@@ -37,7 +37,15 @@ def compile_step(config, compiler_options=None):
   compile_s = time.perf_counter() - t
   state, metrics = compiled(state, batch)  # warm-up
   jax.block_until_ready(metrics)
-  return compiled, state, batch, xla_flops(compiled, mesh.size), compile_s
+  return compiled, state, batch, step_flops(config, compiled, mesh.size), compile_s
+
+
+def step_flops(config, compiled, num_devices) -> float:
+  """XLA's count of the compiled step; for a scanned layer stack, which XLA counts once rather
+  than once per layer, the model formula (scale_jax/model_info.py)."""
+  if config.model.scan_layers:
+    return model_info.flops_per_example(config)['train'] * config.batch_size
+  return xla_flops(compiled, num_devices)
 
 
 def time_steps(compiled, state, batch, steps):

@@ -9,7 +9,8 @@ the machine's own matmul ceiling measured in the same run.
 Reports per variant the median seconds per step, examples/s, the step's memory (XLA's buffer
 assignment; and the process's peak resident memory), the step's FLOPs as XLA counts them
 in the compiled program (forward + backward + optimizer, attention included), and the achieved
-fraction (MFU) of the ceiling: the best of 5 runs of a 2048^3 float32 matmul (and bf16, for a
+fraction (MFU) of the ceiling (for a scanned layer stack, which XLA counts once, the model
+formula's FLOPs): the best of 5 runs of a 2048^3 float32 matmul (and bf16, for a
 bf16 variant) on one device, measured here before the steps and again after them, so the figure
 is this machine's at this hour, never a constant; with --peak_tflops_per_device (or the config's
 peak_tflops_per_device) also against that datasheet figure. Several comma-separated --matmul
@@ -91,7 +92,8 @@ def main(argv):
     line = (f'{config_flags.get_config_filename(f["config"])} batch {c.batch_size} matmul '
             f'{label} on {devices} x {jax.devices()[0].device_kind}: {seconds:.3f} s/step '
             f'(median of {len(all_times)}), {c.batch_size / seconds:.1f} examples/s, '
-            f'{flops / 1e9:.1f} GFLOP/step, {gflops:.1f} GFLOP/s = {100 * gflops / peak:.1f}% of '
+            f'{flops / 1e9:.1f} GFLOP/step{" (model formula)" if c.model.scan_layers else ""}, '
+            f'{gflops:.1f} GFLOP/s = {100 * gflops / peak:.1f}% of '
             f'the measured {dtype} matmul ceiling ({peak:.0f} GFLOP/s)')
     if datasheet:
       line += f', {100 * gflops / (1e3 * devices * datasheet):.1f}% of {datasheet:g} TFLOP/s/device'

@@ -25,13 +25,9 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-try:
-  import open_clip
-  import torch
-except ImportError as e:
-  sys.exit(f'{e}: this benchmark needs the peers extra: pip install -e \'.[peers]\'')
-
+from benchmarks import open_clip_peer
 from benchmarks import timing as ours
+from benchmarks.open_clip_peer import open_clip, torch
 
 config_flags.DEFINE_config_file('config', 'configs/clip_peer.py', 'config file (configs/*.py)',
                                 lock_config=True)
@@ -40,58 +36,14 @@ flags.DEFINE_integer('rounds', 4, 'alternating rounds')
 flags.DEFINE_integer('threads', 0, 'torch threads (0: the number of cores, as XLA uses)')
 
 
-def open_clip_step(config):
-  """open_clip's CLIP at the config's dimensions, with its ClipLoss and AdamW: a step function."""
-  m = config.model
-  if m.width % m.heads:
-    raise ValueError(f'config.model.width={m.width} does not split into {m.heads} heads')
-  model = open_clip.CLIP(
-      embed_dim=m.embed_dim,
-      vision_cfg=dict(image_size=config.image.size, patch_size=config.image.patch, width=m.width,
-                      layers=m.encoder_layers, head_width=m.width // m.heads,
-                      mlp_ratio=m.mlp_dim / m.width),
-      text_cfg=dict(context_length=config.text.max_len, vocab_size=m.vocab_size, width=m.width,
-                    heads=m.heads, layers=m.encoder_layers, mlp_ratio=m.mlp_dim / m.width),
-      output_dict=True)
-  o = config.optimizer
-  optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2),
-                                weight_decay=o.weight_decay)
-  loss_fn = open_clip.ClipLoss()
-  gen = torch.Generator().manual_seed(0)
-  images = torch.randn(config.batch_size, 3, config.image.size, config.image.size, generator=gen)
-  texts = torch.randint(0, m.vocab_size, (config.batch_size, config.text.max_len), generator=gen)
-  model.train()
-
-  def step():
-    out = model(images, texts)
-    loss = loss_fn(out['image_features'], out['text_features'], out['logit_scale'])
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()  # waits for the step, as block_until_ready does on our side
-
-  params = sum(p.numel() for p in model.parameters())
-  return step, params
-
-
-def torch_ceiling_tflops(n=2048, repeats=5) -> float:
-  a = torch.ones(n, n)
-  a @ a
-  best = float('inf')
-  for _ in range(repeats):
-    t = time.perf_counter()
-    a @ a
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best / 1e12
-
-
 def main(argv):
   del argv
   f = flags.FLAGS
   config = f.config
   torch.set_num_threads(f.threads or os.cpu_count())
   compiled, state, batch, flops, compile_s = ours.compile_step(config)
-  theirs, their_params = open_clip_step(config)
+  theirs, their_model = open_clip_peer.open_clip_step(config)
+  their_params = sum(p.numel() for p in their_model.parameters())
   theirs()  # warm-up
   our_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f'parameters: ours {our_params / 1e6:.2f} M, open_clip {their_params / 1e6:.2f} M; '
@@ -101,7 +53,7 @@ def main(argv):
   ceilings = {'xla': [], 'torch': []}
   for i in range(f.rounds):
     ceilings['xla'].append(ours.matmul_ceiling_tflops('float32'))
-    ceilings['torch'].append(torch_ceiling_tflops())
+    ceilings['torch'].append(open_clip_peer.torch_ceiling_tflops())
     t, state = ours.time_steps(compiled, state, batch, f.steps)
     times['ours'] += t
     their = []

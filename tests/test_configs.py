@@ -53,10 +53,12 @@ def test_paper_released_has_the_authors_encoders():
   params = jax.eval_shape(build_model(config).init, jax.random.key(0), batch)['params']
   assert {k for k in params if k.startswith('encoders')} == {
       'encoders_text', 'encoders_image', 'encoders_audio'}
+  layers = config.model.encoder_layers
   for name, heads, mlp in (('text', 12, 3072), ('image', 8, 1024), ('audio', 8, 1024)):
-    block = params[f'encoders_{name}']['block_0']
-    assert block['mlp_in']['kernel'].value.shape == (768, mlp), name
-    assert block['attention']['qkv']['kernel'].value.shape == (768, 3, heads, 768 // heads), name
+    block = params[f'encoders_{name}']['blocks']  # scanned: one block, weights stacked by layer
+    assert block['mlp_in']['kernel'].value.shape == (layers, 768, mlp), name
+    assert block['attention']['qkv']['kernel'].value.shape == (
+        layers, 768, 3, heads, 768 // heads), name
   assert params['token_embed']['embedding'].value.shape == (21128, 768)
   assert params['patch_embed_image']['kernel'].value.shape == (2048, 768)  # region features
   limited = model_info.flops_per_example(config)['train'] * 16
