@@ -147,7 +147,7 @@ def wall_shares(intervals):
 
 
 def profile_ours(config, steps):
-  compiled, state, batch, flops, _ = timing.compile_step(config)
+  compiled, state, batch, _, _ = timing.compile_step(config)
   hlo = Hlo(compiled.as_text())
   kernel_sizes = {x.size for x in jax.tree.leaves(state.params) if x.ndim >= 2}
   trace_dir = tempfile.mkdtemp(prefix='op_profile_')
@@ -268,10 +268,11 @@ def report(name, result, ceiling_gflops, top):
   if 'busy_ms' in result:
     # XLA's plain dot ops (the Eigen path, e.g. a dW in a form YNNPACK does not take) run
     # asynchronously: their trace event ends when the dot is queued, so their time is here.
-    untraced = wall - total
-    print(f'| no op traced (asynchronous Eigen dots, {result["async_flops"] / 1e9:.1f} GFLOP; '
-          f'idle) | {untraced:.0f} | {100 * untraced / wall:.0f}% | '
-          f'{result["async_flops"] / untraced / 1e6:.0f} if all of it were those dots |')
+    untraced, async_flops = wall - total, result['async_flops']
+    rate = (f'{async_flops / untraced / 1e6:.0f} if all of it were those dots'
+            if async_flops and untraced > 0 else '')
+    print(f'| no op traced (asynchronous Eigen dots, {async_flops / 1e9:.1f} GFLOP; idle) | '
+          f'{untraced:.0f} | {100 * untraced / wall:.0f}% | {rate} |')
   matmul_flops = sum(flops[g] for g in flops if g.startswith('matmul')) + result.get(
       'async_flops', 0)
   print(f'matmuls: {matmul_flops / 1e9:.1f} GFLOP per step; at the 2048^3 ceiling '
