@@ -17,7 +17,7 @@ Unlike configs/paper.py, the layers are scanned and rematerialised with remat='d
 block keeps its matmul outputs and recomputes the rest): batch 64 in float32 then needs 9.1 GB
 of XLA buffers where unscanned it needs 20 GB (the authors' code: 22 GB), at no cost in speed on
 the CPU (docs/benchmarks.md). Unscanned, remat alone saves nothing on the CPU: XLA:CPU's
-scheduler is free to recompute every block's forward before the backward starts.
+scheduler may run the recomputation early, so the activations stay live.
 Kept from configs/paper.py: the MLM/MEM logits at the masked tokens only (text/table.max_masked);
 --config.text.max_masked=0 --config.table.max_masked=0 decode every position, the authors' FLOPs
 (1888 GFLOP per step at batch 16 by model_info's formula, theirs 1897; 1785 with the limits).
