@@ -35,7 +35,11 @@ def get_config():
   # 12 s at 16 kHz, n_fft 1024, hop 256, 80 mel bands: 747 frames (no centring), the first 740
   # cut into 10 x 8 patches of 74 frames x 10 bands: 80 audio tokens.
   c.audio.update(seconds=12.0, n_fft=1024, hop=256, n_mels=80, patch_time=74, patch_freq=10)
+  # Scanned layers, each block keeping its matmul outputs and recomputing the rest: at batch 16
+  # on the CPU 1.10x (f32) and 1.15x (bf16) faster than unscanned, with 30% smaller XLA buffers
+  # (docs/benchmarks.md).
   c.model.update(vocab_size=32000, width=768, heads=12, mlp_dim=3072, encoder_layers=6,
-                 joint_layers=6, embed_dim=256, dtype='bfloat16')
+                 joint_layers=6, embed_dim=256, dtype='bfloat16', scan_layers=True,
+                 remat='dots')
   c.optimizer.update(lr=1e-4, warmup_steps=50_000, decay='linear', weight_decay=0.01)
   return c

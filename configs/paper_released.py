@@ -13,12 +13,12 @@ Against configs/paper.py:
 - the released code's behaviours: masked heads on the per-modality encoders, absent modalities as
   zero vectors, no modality-type embedding, and gradient through the harmonized weights (the
   joint co-transformer's only way to the loss once the heads read the encoders).
-Unlike configs/paper.py, the layers are scanned and rematerialised with remat='dots' (each
-block keeps its matmul outputs and recomputes the rest): batch 64 in float32 then needs 9.1 GB
-of XLA buffers where unscanned it needs 20 GB (the authors' code: 22 GB), at no cost in speed on
-the CPU (docs/benchmarks.md). Unscanned, remat alone saves nothing on the CPU: XLA:CPU's
-scheduler may run the recomputation early, so the activations stay live.
-Kept from configs/paper.py: the MLM/MEM logits at the masked tokens only (text/table.max_masked);
+Kept from configs/paper.py: the layers scanned and rematerialised with remat='dots' (each block
+keeps its matmul outputs and recomputes the rest), so batch 64 in float32 needs 9.1 GB of XLA
+buffers where unscanned it needs 20 GB (the authors' code: 22 GB) and a step is no slower on the
+CPU (docs/benchmarks.md); unscanned, remat alone saves nothing on the CPU (XLA:CPU's scheduler
+may run the recomputation early, so the activations stay live). Also kept: the MLM/MEM logits
+at the masked tokens only (text/table.max_masked);
 --config.text.max_masked=0 --config.table.max_masked=0 decode every position, the authors' FLOPs
 (1888 GFLOP per step at batch 16 by model_info's formula, theirs 1897; 1785 with the limits).
 Training on M5Product in this form needs a dataset built with those feature arrays
@@ -34,6 +34,5 @@ def get_config():
   c.audio.update(source='features', feature_tokens=80, feature_dim=751)
   c.model.update(vocab_size=21128, share_text_table=True, share_image_video=True,
                  media_heads=8, media_mlp_dim=1024, masked_heads_on='encoder', absent='zero',
-                 type_embedding=False, stop_gradient_weights=False, scan_layers=True,
-                 remat='dots')
+                 type_embedding=False, stop_gradient_weights=False)
   return c
