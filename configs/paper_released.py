@@ -16,9 +16,10 @@ Against configs/paper.py:
 Kept from configs/paper.py: the layers scanned and rematerialised with remat='dots' (each block
 keeps its matmul outputs and recomputes the rest), so batch 64 in float32 needs 9.1 GB of XLA
 buffers where unscanned it needs 20 GB (the authors' code: 22 GB), and a step at batch 16 is
-1.04x (f32) and 1.14x (bf16) faster on the CPU (docs/benchmarks.md); unscanned, remat alone saves nothing on the CPU (XLA:CPU's scheduler
-may run the recomputation early, so the activations stay live). Also kept: the MLM/MEM logits
-at the masked tokens only (text/table.max_masked);
+1.04x (f32) and 1.14x (bf16) faster on the CPU (docs/benchmarks.md); unscanned, remat alone
+saves nothing on the CPU (XLA:CPU's scheduler may run the recomputation early, so the
+activations stay live). Also kept: the MLM/MEM logits at the masked tokens only
+(text/table.max_masked);
 --config.text.max_masked=0 --config.table.max_masked=0 decode every position, the authors' FLOPs
 (1888 GFLOP per step at batch 16 by model_info's formula, theirs 1897; 1785 with the limits).
 Training on M5Product in this form needs a dataset built with those feature arrays
