@@ -24,10 +24,11 @@ def matmul_ceiling_tflops(dtype, n=2048, repeats=5) -> float:
   return 2 * n ** 3 / best / 1e12
 
 
-def compile_step(config, compiler_options=None):
-  """The compiled train step (with XLA `compiler_options`, e.g. {'xla_cpu_...': '...'}), its state
-  and batch, its FLOPs per step (see step_flops) and the compile time."""
-  mesh = sharding.make_mesh(config.mesh)
+def compile_step(config, compiler_options=None, devices=None):
+  """The compiled train step (with XLA `compiler_options`, e.g. {'xla_cpu_...': '...'}) on a mesh
+  of `devices` (default: all), its state and batch, its FLOPs per step (see step_flops) and the
+  compile time."""
+  mesh = sharding.make_mesh(config.mesh, devices)
   setup = build_train_setup(config, mesh)  # the trainer's own step, built the trainer's way
   state = setup.init(jax.random.key(0))
   batch = modalities.random_batch(config, config.batch_size, np.random.default_rng(0))
@@ -38,6 +39,13 @@ def compile_step(config, compiler_options=None):
   state, metrics = compiled(state, batch)  # warm-up
   jax.block_until_ready(metrics)
   return compiled, state, batch, step_flops(config, compiled, mesh.size), compile_s
+
+
+def peak_tflops(ceiling_tflops, devices) -> float:
+  """The matmul peak of `devices`, from one device's measured ceiling. A process's CPU devices
+  share its cores, and one of them alone already runs a matmul on all of them: their peak is the
+  one ceiling, however many devices the cores are split into."""
+  return ceiling_tflops * (1 if devices[0].platform == 'cpu' else len(devices))
 
 
 def step_flops(config, compiled, num_devices) -> float:

@@ -4,7 +4,7 @@ the machine's own matmul ceiling measured in the same run.
     python benchmarks/train_step.py --config configs/clip_peer.py [--config.x=y ...] [--steps 10]
         [--matmul float32,bf16_operands --rounds 3] [--xla_option KEY=VALUE ...]
         [--compare 'text.max_masked=0 table.max_masked=0' ...]
-        [--peak_tflops_per_device T]
+        [--peak_tflops_per_device T] [--devices 1,2]
 
 Reports per variant the median seconds per step, examples/s, the step's memory (XLA's buffer
 assignment; and the process's peak resident memory), the step's FLOPs as XLA counts them
@@ -19,9 +19,13 @@ in the machine's load hits them alike; with --xla_option each is also compiled w
 compiler options (e.g. xla_cpu_enable_fast_math=true; a list-valued option such as
 xla_cpu_experimental_ynn_fusion_type=-individual_dot goes through XLA_FLAGS, for the whole run) and
 timed beside it; each --compare adds a variant of the config with those overrides
-(space-separated). With several variants it names the fastest here: choose model.matmul per
-machine that way. The last line is `step_ms <median of the first variant>`.
-Record results, with the machine, in docs/benchmarks.md.
+(space-separated). --devices 1,2 compiles every variant on a mesh of the first device, and again
+of the first two, and times them beside each other: on a CPU, start it with
+XLA_FLAGS=--xla_force_host_platform_device_count=2 to split the cores into two devices, i.e.
+data parallelism across them (the devices share the cores, so the ceiling is the one machine's,
+and the buffers are per device). With several variants it names the fastest here: choose
+model.matmul, and the device count, per machine that way. The last line is
+`step_ms <median of the first variant>`. Record results, with the machine, in docs/benchmarks.md.
 """
 import ast
 import os
@@ -48,62 +52,73 @@ flags.DEFINE_multi_string('xla_option', [], 'KEY=VALUE XLA compiler options: eac
 flags.DEFINE_multi_string('compare', [], 'space-separated config overrides KEY=VALUE: one more '
                           'variant each, timed beside the others')
 flags.DEFINE_float('peak_tflops_per_device', 0.0, 'a datasheet peak to report MFU against too')
+flags.DEFINE_string('devices', None, 'device counts, comma-separated: every variant is compiled '
+                    'on a mesh of the first N devices, once per count (default: all devices)')
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
   config = f.config
-  variants = f.matmul.split(',') if f.matmul else [config.model.get('matmul', 'float32')]
+  matmuls = f.matmul.split(',') if f.matmul else [config.model.get('matmul', 'float32')]
   datasheet = f.peak_tflops_per_device or config.peak_tflops_per_device
-  dtypes = {'float32'} | {'bfloat16' for v in variants if 'bf16' in v}
+  dtypes = {'float32'} | {'bfloat16' for v in matmuls if 'bf16' in v}
   dtypes |= {str(jnp.dtype(config.model.dtype))}
   ceiling = {d: timing.matmul_ceiling_tflops(d) for d in sorted(dtypes)}
   options = dict(o.split('=', 1) for o in f.xla_option)
-  runs = {}
-  for matmul in variants:
+  variants = []  # (label, config, XLA options)
+  for matmul in matmuls:
     c = config.copy_and_resolve_references()
     c.model.matmul = matmul
-    runs[matmul] = [c, *timing.compile_step(c), []]
+    variants.append((matmul, c, None))
     if options:
-      runs[f'{matmul} + {" ".join(f.xla_option)}'] = [c, *timing.compile_step(c, options), []]
+      variants.append((f'{matmul} + {" ".join(f.xla_option)}', c, options))
   for overrides in f.compare:
     c = run_config.with_overrides(config, {key: ast.literal_eval(value) for key, value in (
         item.split('=', 1) for item in overrides.split())})
-    runs[f'{c.model.matmul}, {overrides}'] = [c, *timing.compile_step(c), []]
+    variants.append((f'{c.model.matmul}, {overrides}', c, None))
+  counts = [int(n) for n in f.devices.split(',')] if f.devices else [jax.device_count()]
+  runs = {}
+  for n in counts:
+    for label, c, compiler_options in variants:
+      if len(counts) > 1:
+        label += f' [{n} device{"s" if n > 1 else ""}]'
+      devices = jax.devices()[:n]
+      runs[label] = [c, devices, *timing.compile_step(c, compiler_options, devices), []]
   for i in range(f.rounds):
     for label, run in runs.items():
-      c, compiled, state, batch, flops, compile_s, all_times = run
-      times, run[2] = timing.time_steps(compiled, state, batch, f.steps)
+      compiled, state, batch, all_times = run[2], run[3], run[4], run[-1]
+      times, run[3] = timing.time_steps(compiled, state, batch, f.steps)
       all_times += times
       print(f'round {i + 1}, matmul {label}: median {statistics.median(times):.3f} s/step '
             f'(min {min(times):.3f})', flush=True)
   # Again after the steps: the machine may have changed meanwhile.
   after = {d: timing.matmul_ceiling_tflops(d) for d in ceiling}
-  devices = jax.device_count()
   print(f'ceiling (2048^3 matmul, best of 5, one device): ' + ', '.join(
       f'{d} {1e3 * ceiling[d]:.0f} GFLOP/s before, {1e3 * after[d]:.0f} after' for d in ceiling))
-  for label, (c, compiled, _, _, flops, compile_s, all_times) in runs.items():
+  for label, (c, devices, compiled, _, _, flops, compile_s, all_times) in runs.items():
     seconds = statistics.median(all_times)
     gflops = flops / 1e9 / seconds
     # bf16 operands run the matmuls at the bf16 rate; everything else at the config's dtype.
     dtype = 'bfloat16' if 'bf16' in c.model.matmul else str(jnp.dtype(c.model.dtype))
-    peak = 1e3 * devices * max(ceiling[dtype], after[dtype])
+    peak = 1e3 * timing.peak_tflops(max(ceiling[dtype], after[dtype]), devices)
     line = (f'{config_flags.get_config_filename(f["config"])} batch {c.batch_size} matmul '
-            f'{label} on {devices} x {jax.devices()[0].device_kind}: {seconds:.3f} s/step '
+            f'{label} on {len(devices)} x {devices[0].device_kind}: {seconds:.3f} s/step '
             f'(median of {len(all_times)}), {c.batch_size / seconds:.1f} examples/s, '
             f'{flops / 1e9:.1f} GFLOP/step{" (model formula)" if c.model.scan_layers else ""}, '
             f'{gflops:.1f} GFLOP/s = {100 * gflops / peak:.1f}% of '
             f'the measured {dtype} matmul ceiling ({peak:.0f} GFLOP/s)')
     if datasheet:
-      line += f', {100 * gflops / (1e3 * devices * datasheet):.1f}% of {datasheet:g} TFLOP/s/device'
-    print(line + f'; {timing.step_memory_gb(compiled):.2f} GB of buffers (XLA: arguments, '
-          f'outputs, temporaries); compile {compile_s:.1f} s', flush=True)
+      line += (f', {100 * gflops / (1e3 * len(devices) * datasheet):.1f}% of {datasheet:g} '
+               f'TFLOP/s/device')
+    print(line + f'; {timing.step_memory_gb(compiled):.2f} GB of buffers'
+          f'{" per device" if len(devices) > 1 else ""} (XLA: arguments, outputs, temporaries); '
+          f'compile {compile_s:.1f} s', flush=True)
   print(f'peak resident memory of this process: {timing.peak_rss_gb():.2f} GB (all variants)')
   if len(runs) > 1:  # what to set on this machine (docs/benchmarks.md: it differs by CPU)
     fastest = min(runs, key=lambda label: statistics.median(runs[label][-1]))
     print(f'fastest here: {fastest}')
-  first = runs[variants[0]][-1]
+  first = next(iter(runs.values()))[-1]
   print(f'step_ms {1e3 * statistics.median(first):.1f}')
 
 

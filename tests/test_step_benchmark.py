@@ -1,0 +1,45 @@
+"""benchmarks/train_step.py: the peak it measures MFU against, and one run timing a config on one
+device and on all four of the suite's CPU devices."""
+import os
+import re
+import subprocess
+import sys
+import types
+
+import jax
+import pytest
+
+from benchmarks import timing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cpu_devices_share_one_ceiling_accelerators_add_theirs():
+  cpus = jax.devices()
+  assert len(cpus) == 4 and cpus[0].platform == 'cpu'
+  assert timing.peak_tflops(0.2, cpus) == pytest.approx(0.2)  # one machine's cores, split in 4
+  chips = [types.SimpleNamespace(platform='tpu')] * 8
+  assert timing.peak_tflops(197.0, chips) == pytest.approx(8 * 197.0)
+
+
+def test_times_each_device_count_beside_the_other():
+  proc = subprocess.run(
+      [sys.executable, 'benchmarks/train_step.py', '--config', 'configs/tiny.py',
+       '--config.batch_size=8', "--config.modalities=('text', 'image')", '--steps', '1',
+       '--devices', '1,4'],
+      cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  ceiling = float(re.search(r'float32 (\d+) GFLOP/s before, (\d+) after', out).group(1))
+  results = {}
+  for m in re.finditer(r'\[(\d) devices?\] on (\d) x cpu: .* = ([0-9.]+)% of the measured '
+                       r'float32 matmul ceiling \((\d+) GFLOP/s\); ([0-9.]+) GB of buffers( per '
+                       r'device)?', out):
+    assert m.group(1) == m.group(2)
+    results[int(m.group(1))] = (float(m.group(4)), bool(m.group(6)))
+  assert set(results) == {1, 4}, out
+  # Both against the same machine ceiling (the larger of before and after), not 4x it.
+  assert results[1][0] == results[4][0] >= ceiling
+  assert not results[1][1] and results[4][1]  # XLA's buffers are per device
+  assert re.search(r'^fastest here: float32 \[(1 device|4 devices)\]$', out, re.MULTILINE)
+  assert re.search(r'step_ms [0-9.]+\s*$', out)
