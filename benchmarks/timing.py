@@ -4,24 +4,15 @@ import resource
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from scale_jax import model_info, modalities, sharding
-from scale_jax.train import build_train_setup, xla_flops
+from scale_jax.train import build_train_setup, measure_peak_tflops, xla_flops
 
 
-def matmul_ceiling_tflops(dtype, n=2048, repeats=5) -> float:
-  """TFLOP/s of the best of `repeats` n^3 matmuls on one device: what XLA's matmul reaches."""
-  a = jax.device_put(jnp.ones((n, n), dtype), jax.local_devices()[0])
-  matmul = jax.jit(lambda a: a @ a)
-  matmul(a).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    t = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best / 1e12
+def matmul_ceiling_tflops(dtype) -> float:
+  """TFLOP/s of the best of 5 2048^3 matmuls on one device: what XLA's matmul reaches."""
+  return measure_peak_tflops(dtype, n=2048)
 
 
 def compile_step(config, compiler_options=None, devices=None):
@@ -41,17 +32,15 @@ def compile_step(config, compiler_options=None, devices=None):
   return compiled, state, batch, step_flops(config, compiled, mesh.size), compile_s
 
 
-def peak_tflops(ceiling_tflops, devices) -> float:
-  """The matmul peak of `devices`, from one device's measured ceiling. A process's CPU devices
-  share its cores, and one of them alone already runs a matmul on all of them: their peak is the
-  one ceiling, however many devices the cores are split into."""
-  return ceiling_tflops * (1 if devices[0].platform == 'cpu' else len(devices))
+def counts_by_formula(config) -> bool:
+  """Whether step_flops gives the model formula's count (scale_jax/model_info.py) rather than
+  XLA's: XLA counts a scanned layer stack once, not once per layer."""
+  return bool(config.model.scan_layers)
 
 
 def step_flops(config, compiled, num_devices) -> float:
-  """XLA's count of the compiled step; for a scanned layer stack, which XLA counts once rather
-  than once per layer, the model formula (scale_jax/model_info.py)."""
-  if config.model.scan_layers:
+  """XLA's count of the compiled step, or the model formula's (counts_by_formula)."""
+  if counts_by_formula(config):
     return model_info.flops_per_example(config)['train'] * config.batch_size
   return xla_flops(compiled, num_devices)
 

@@ -213,19 +213,29 @@ def xla_flops(compiled, num_devices: int) -> float:
   return float(cost.get('flops', 0.0)) * num_devices
 
 
-def measure_peak_tflops(dtype) -> float:
-  """TFLOP/s of a large square matmul on one device: an achievable peak, below the datasheet's."""
+def measure_peak_tflops(dtype, n=None, repeats=5) -> float:
+  """TFLOP/s of the best of `repeats` n^3 matmuls on one device (n: 1024 on a CPU, 8192 on an
+  accelerator, by default): an achievable peak, below the datasheet's."""
   device = jax.local_devices()[0]
-  n = 1024 if device.platform == 'cpu' else 8192
+  n = n or (1024 if device.platform == 'cpu' else 8192)
   a = jax.device_put(jnp.ones((n, n), dtype), device)
   matmul = jax.jit(lambda a: a @ a)
   matmul(a).block_until_ready()
   best = float('inf')
-  for _ in range(5):
+  for _ in range(repeats):
     t = time.perf_counter()
     matmul(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * n ** 3 / best / 1e12
+
+
+def peak_of_devices(one_device_tflops, devices) -> float:
+  """The matmul peak of `devices`, from one device's measured peak. The CPU devices of a process
+  share its cores, and one of them alone already multiplies on all of them: their peak is one
+  measurement per process, however many devices its cores are split into."""
+  if devices[0].platform == 'cpu':
+    return one_device_tflops * len({d.process_index for d in devices})
+  return one_device_tflops * len(devices)
 
 def check_finite(state, metrics, manager):
   """Raises FloatingPointError naming the first step and metric that were not finite. Reads two
@@ -424,11 +434,13 @@ def train(config, workdir):
   train_step = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
   step_flops = xla_flops(train_step, mesh.size)  # what the compiled program executes
   model_flops = model_info.flops_per_example(config)['train'] * config.batch_size  # the formula
-  peak = config.peak_tflops_per_device
+  peak = config.peak_tflops_per_device * mesh.size  # of all devices, TFLOP/s
   if not peak:
-    peak = measure_peak_tflops(config.model.dtype)
-    log(f'MFU against a measured {config.model.dtype} matmul peak of {peak:.2f} TFLOP/s per '
-        f'device (set config.peak_tflops_per_device to use the datasheet figure)')
+    one = measure_peak_tflops(config.model.dtype)
+    peak = peak_of_devices(one, list(mesh.devices.flat))
+    log(f'MFU against a measured {config.model.dtype} matmul peak of {one:.2f} TFLOP/s on one '
+        f'device, {peak:.2f} for the mesh (set config.peak_tflops_per_device to use the '
+        f'datasheet figure)')
   log(f'compiled the train step in {time.perf_counter() - t:.1f} s ({step_flops / 1e9:.1f} GFLOP '
       f'per step as XLA counts it, {model_flops / 1e9:.1f} by the model formula)')
   # Processes finish compiling at different times (one loads the step from a compilation cache,
@@ -469,7 +481,7 @@ def train(config, workdir):
                       data_wait=data_wait / steps,
                       tflops_per_sec=step_flops * steps / seconds / 1e12,
                       model_tflops_per_sec=model_flops * steps / seconds / 1e12,
-                      mfu=model_flops * steps / seconds / 1e12 / (peak * mesh.size))
+                      mfu=model_flops * steps / seconds / 1e12 / peak)
         writer.write(step, values)
         progress.set_postfix(loss=f'{values["loss"]:.3f}')
         last_time, last_step, data_wait, paused = now, step, 0.0, 0.0

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -251,6 +252,16 @@ def test_metrics_of_every_step(reference):
   # peak_tflops_per_device=1 over 4 devices: MFU is model TFLOP/s / 4.
   row = rows[12]
   assert row['mfu'] == pytest.approx(row['model_tflops_per_sec'] / 4)
+
+
+def test_measured_peak_counts_a_process_cpu_cores_once():
+  cpus = jax.devices()  # the suite's 4 CPU devices, one process: the same two cores
+  assert len(cpus) == 4 and cpus[0].platform == 'cpu'
+  assert trainer.peak_of_devices(0.2, cpus) == pytest.approx(0.2)
+  hosts = [types.SimpleNamespace(platform='cpu', process_index=i // 2) for i in range(4)]
+  assert trainer.peak_of_devices(0.2, hosts) == pytest.approx(0.4)  # two processes' cores
+  chips = [types.SimpleNamespace(platform='tpu', process_index=0)] * 8
+  assert trainer.peak_of_devices(197.0, chips) == pytest.approx(8 * 197.0)
 
 
 # ------------------------------------------------------------------------------------------------
