@@ -103,10 +103,11 @@ def main(argv):
     # bf16 operands run the matmuls at the bf16 rate; everything else at the config's dtype.
     dtype = 'bfloat16' if 'bf16' in c.model.matmul else str(jnp.dtype(c.model.dtype))
     peak = 1e3 * peak_of_devices(max(ceiling[dtype], after[dtype]), devices)
+    source = ' (model formula)' if timing.counts_by_formula(c) else ''
     line = (f'{config_flags.get_config_filename(f["config"])} batch {c.batch_size} matmul '
             f'{label} on {len(devices)} x {devices[0].device_kind}: {seconds:.3f} s/step '
             f'(median of {len(all_times)}), {c.batch_size / seconds:.1f} examples/s, '
-            f'{flops / 1e9:.1f} GFLOP/step{" (model formula)" if timing.counts_by_formula(c) else ""}, '
+            f'{flops / 1e9:.1f} GFLOP/step{source}, '
             f'{gflops:.1f} GFLOP/s = {100 * gflops / peak:.1f}% of '
             f'the measured {dtype} matmul ceiling ({peak:.0f} GFLOP/s)')
     if datasheet:

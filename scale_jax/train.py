@@ -237,6 +237,7 @@ def peak_of_devices(one_device_tflops, devices) -> float:
     return one_device_tflops * len({d.process_index for d in devices})
   return one_device_tflops * len(devices)
 
+
 def check_finite(state, metrics, manager):
   """Raises FloatingPointError naming the first step and metric that were not finite. Reads two
   scalars from the device: called at log steps and before every save, not every step."""
