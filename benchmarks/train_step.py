@@ -28,9 +28,11 @@ model.matmul, and the device count, per machine that way. The last line is
 `step_ms <median of the first variant>`. Record results, with the machine, in docs/benchmarks.md.
 """
 import ast
+import dataclasses
 import os
 import statistics
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -57,10 +59,24 @@ flags.DEFINE_string('devices', None, 'device counts, comma-separated: every vari
                     'on a mesh of the first N devices, once per count (default: all devices)')
 
 
+@dataclasses.dataclass
+class Run:
+  """One variant on its devices: what compile_step gave, and the seconds of its timed steps."""
+  config: Any
+  devices: list
+  compiled: Any
+  state: Any
+  batch: Any
+  flops: float
+  compile_s: float
+  times: list = dataclasses.field(default_factory=list)
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
   config = f.config
+  counts = [int(n) for n in f.devices.split(',')] if f.devices else [jax.device_count()]
   matmuls = f.matmul.split(',') if f.matmul else [config.model.get('matmul', 'float32')]
   datasheet = f.peak_tflops_per_device or config.peak_tflops_per_device
   dtypes = {'float32'} | {'bfloat16' for v in matmuls if 'bf16' in v}
@@ -78,27 +94,26 @@ def main(argv):
     c = run_config.with_overrides(config, {key: ast.literal_eval(value) for key, value in (
         item.split('=', 1) for item in overrides.split())})
     variants.append((f'{c.model.matmul}, {overrides}', c, None))
-  counts = [int(n) for n in f.devices.split(',')] if f.devices else [jax.device_count()]
   runs = {}
   for n in counts:
     for label, c, compiler_options in variants:
       if len(counts) > 1:
         label += f' [{n} device{"s" if n > 1 else ""}]'
       devices = jax.devices()[:n]
-      runs[label] = [c, devices, *timing.compile_step(c, compiler_options, devices), []]
+      runs[label] = Run(c, devices, *timing.compile_step(c, compiler_options, devices))
   for i in range(f.rounds):
     for label, run in runs.items():
-      compiled, state, batch, all_times = run[2], run[3], run[4], run[-1]
-      times, run[3] = timing.time_steps(compiled, state, batch, f.steps)
-      all_times += times
+      times, run.state = timing.time_steps(run.compiled, run.state, run.batch, f.steps)
+      run.times += times
       print(f'round {i + 1}, matmul {label}: median {statistics.median(times):.3f} s/step '
             f'(min {min(times):.3f})', flush=True)
   # Again after the steps: the machine may have changed meanwhile.
   after = {d: timing.matmul_ceiling_tflops(d) for d in ceiling}
   print(f'ceiling (2048^3 matmul, best of 5, one device): ' + ', '.join(
       f'{d} {1e3 * ceiling[d]:.0f} GFLOP/s before, {1e3 * after[d]:.0f} after' for d in ceiling))
-  for label, (c, devices, compiled, _, _, flops, compile_s, all_times) in runs.items():
-    seconds = statistics.median(all_times)
+  for label, run in runs.items():
+    c, devices, flops = run.config, run.devices, run.flops
+    seconds = statistics.median(run.times)
     gflops = flops / 1e9 / seconds
     # bf16 operands run the matmuls at the bf16 rate; everything else at the config's dtype.
     dtype = 'bfloat16' if 'bf16' in c.model.matmul else str(jnp.dtype(c.model.dtype))
@@ -106,22 +121,22 @@ def main(argv):
     source = ' (model formula)' if timing.counts_by_formula(c) else ''
     line = (f'{config_flags.get_config_filename(f["config"])} batch {c.batch_size} matmul '
             f'{label} on {len(devices)} x {devices[0].device_kind}: {seconds:.3f} s/step '
-            f'(median of {len(all_times)}), {c.batch_size / seconds:.1f} examples/s, '
+            f'(median of {len(run.times)}), {c.batch_size / seconds:.1f} examples/s, '
             f'{flops / 1e9:.1f} GFLOP/step{source}, '
             f'{gflops:.1f} GFLOP/s = {100 * gflops / peak:.1f}% of '
             f'the measured {dtype} matmul ceiling ({peak:.0f} GFLOP/s)')
     if datasheet:
       line += (f', {100 * gflops / (1e3 * len(devices) * datasheet):.1f}% of {datasheet:g} '
                f'TFLOP/s/device')
-    print(line + f'; {timing.step_memory_gb(compiled):.2f} GB of buffers'
+    print(line + f'; {timing.step_memory_gb(run.compiled):.2f} GB of buffers'
           f'{" per device" if len(devices) > 1 else ""} (XLA: arguments, outputs, temporaries); '
-          f'compile {compile_s:.1f} s', flush=True)
+          f'compile {run.compile_s:.1f} s', flush=True)
   print(f'peak resident memory of this process: {timing.peak_rss_gb():.2f} GB (all variants)')
   if len(runs) > 1:  # what to set on this machine (docs/benchmarks.md: it differs by CPU)
-    fastest = min(runs, key=lambda label: statistics.median(runs[label][-1]))
+    fastest = min(runs, key=lambda label: statistics.median(runs[label].times))
     print(f'fastest here: {fastest}')
-  first = next(iter(runs.values()))[-1]
-  print(f'step_ms {1e3 * statistics.median(first):.1f}')
+  first = next(iter(runs.values()))
+  print(f'step_ms {1e3 * statistics.median(first.times):.1f}')
 
 
 if __name__ == '__main__':
