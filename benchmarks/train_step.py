@@ -77,6 +77,10 @@ def main(argv):
   f = flags.FLAGS
   config = f.config
   counts = [int(n) for n in f.devices.split(',')] if f.devices else [jax.device_count()]
+  if max(counts) > jax.device_count():
+    raise app.UsageError(
+        f'--devices {f.devices}: this process has {jax.device_count()} device(s). On a CPU, '
+        f'start it with XLA_FLAGS=--xla_force_host_platform_device_count={max(counts)}')
   matmuls = f.matmul.split(',') if f.matmul else [config.model.get('matmul', 'float32')]
   datasheet = f.peak_tflops_per_device or config.peak_tflops_per_device
   dtypes = {'float32'} | {'bfloat16' for v in matmuls if 'bf16' in v}

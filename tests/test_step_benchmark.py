@@ -1,5 +1,6 @@
 """benchmarks/train_step.py: one run timing a config on one device and on all four of the suite's
-CPU devices, each against the one machine's matmul ceiling."""
+CPU devices, each against the one machine's matmul ceiling; and asking for more devices than
+there are."""
 import os
 import re
 import subprocess
@@ -29,3 +30,13 @@ def test_times_each_device_count_beside_the_other():
   assert not results[1][1] and results[4][1]  # XLA's buffers are per device
   assert re.search(r'^fastest here: float32 \[(1 device|4 devices)\]$', out, re.MULTILINE)
   assert re.search(r'step_ms [0-9.]+\s*$', out)
+
+
+def test_more_devices_than_the_process_has_says_how_to_get_them():
+  proc = subprocess.run(
+      [sys.executable, 'benchmarks/train_step.py', '--config', 'configs/tiny.py',
+       '--devices', '1,8'],
+      cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
+  assert proc.returncode != 0
+  assert 'this process has 4 device(s)' in proc.stderr
+  assert 'XLA_FLAGS=--xla_force_host_platform_device_count=8' in proc.stderr
