@@ -10,9 +10,10 @@ except ImportError as e:
   sys.exit(f'{e}: this benchmark needs the peers extra: pip install -e \'.[peers]\'')
 
 
-def open_clip_step(config):
+def open_clip_step(config, autocast_dtype=None):
   """open_clip's CLIP at the config's dimensions, with its ClipLoss and AdamW: a step function,
-  and the model."""
+  and the model. With `autocast_dtype` (torch.bfloat16), the forward and loss run under
+  torch.autocast: torch's own mixed precision, matmuls on bf16 copies, weights and optimizer f32."""
   m = config.model
   if m.width % m.heads:
     raise ValueError(f'config.model.width={m.width} does not split into {m.heads} heads')
@@ -34,8 +35,9 @@ def open_clip_step(config):
   model.train()
 
   def step():
-    out = model(images, texts)
-    loss = loss_fn(out['image_features'], out['text_features'], out['logit_scale'])
+    with torch.autocast('cpu', dtype=autocast_dtype, enabled=autocast_dtype is not None):
+      out = model(images, texts)
+      loss = loss_fn(out['image_features'], out['text_features'], out['logit_scale'])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -44,8 +46,8 @@ def open_clip_step(config):
   return step, model
 
 
-def torch_ceiling_tflops(n=2048, repeats=5) -> float:
-  a = torch.ones(n, n)
+def torch_ceiling_tflops(n=2048, repeats=5, dtype=torch.float32) -> float:
+  a = torch.ones(n, n, dtype=dtype)
   a @ a
   best = float('inf')
   for _ in range(repeats):

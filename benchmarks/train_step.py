@@ -72,6 +72,12 @@ class Run:
   times: list = dataclasses.field(default_factory=list)
 
 
+def matmul_dtype(config) -> str:
+  """The dtype whose ceiling a variant's matmuls run against: bf16 operands run them at the bf16
+  rate; otherwise the config's compute dtype."""
+  return 'bfloat16' if 'bf16' in config.model.matmul else str(jnp.dtype(config.model.dtype))
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
@@ -83,9 +89,6 @@ def main(argv):
         f'start it with XLA_FLAGS=--xla_force_host_platform_device_count={max(counts)}')
   matmuls = f.matmul.split(',') if f.matmul else [config.model.get('matmul', 'float32')]
   datasheet = f.peak_tflops_per_device or config.peak_tflops_per_device
-  dtypes = {'float32'} | {'bfloat16' for v in matmuls if 'bf16' in v}
-  dtypes |= {str(jnp.dtype(config.model.dtype))}
-  ceiling = {d: timing.matmul_ceiling_tflops(d) for d in sorted(dtypes)}
   options = dict(o.split('=', 1) for o in f.xla_option)
   variants = []  # (label, config, XLA options)
   for matmul in matmuls:
@@ -98,6 +101,8 @@ def main(argv):
     c = run_config.with_overrides(config, {key: ast.literal_eval(value) for key, value in (
         item.split('=', 1) for item in overrides.split())})
     variants.append((f'{c.model.matmul}, {overrides}', c, None))
+  dtypes = {'float32'} | {matmul_dtype(c) for _, c, _ in variants}
+  ceiling = {d: timing.matmul_ceiling_tflops(d) for d in sorted(dtypes)}
   runs = {}
   for n in counts:
     for label, c, compiler_options in variants:
@@ -119,8 +124,7 @@ def main(argv):
     c, devices, flops = run.config, run.devices, run.flops
     seconds = statistics.median(run.times)
     gflops = flops / 1e9 / seconds
-    # bf16 operands run the matmuls at the bf16 rate; everything else at the config's dtype.
-    dtype = 'bfloat16' if 'bf16' in c.model.matmul else str(jnp.dtype(c.model.dtype))
+    dtype = matmul_dtype(c)
     peak = 1e3 * peak_of_devices(max(ceiling[dtype], after[dtype]), devices)
     source = ' (model formula)' if timing.counts_by_formula(c) else ''
     line = (f'{config_flags.get_config_filename(f["config"])} batch {c.batch_size} matmul '

@@ -40,3 +40,19 @@ def test_more_devices_than_the_process_has_says_how_to_get_them():
   assert proc.returncode != 0
   assert 'this process has 4 device(s)' in proc.stderr
   assert 'XLA_FLAGS=--xla_force_host_platform_device_count=8' in proc.stderr
+
+
+def test_a_compared_bf16_variant_is_held_to_the_bf16_ceiling():
+  # The ceilings come from every variant's dtype, not only the base config's and --matmul's.
+  proc = subprocess.run(
+      [sys.executable, 'benchmarks/train_step.py', '--config', 'configs/tiny.py',
+       '--config.model.dtype=float32', '--config.batch_size=8',
+       "--config.modalities=('text', 'image')", '--steps', '1', '--devices', '1',
+       '--compare', "model.matmul='bf16_operands'"],
+      cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  assert re.search(r'bfloat16 \d+ GFLOP/s before', out), out
+  assert re.search(r"matmul float32 on 1 x cpu: .* of the measured float32 matmul ceiling", out)
+  assert re.search(r"matmul bf16_operands, model.matmul='bf16_operands' on 1 x cpu: .* of the "
+                   r'measured bfloat16 matmul ceiling', out), out
