@@ -3,7 +3,7 @@ optimised HLO) and, with --peer open_clip, open_clip's step at the same dimensio
 (torch.profiler), in the same groups, one after the other on this machine.
 
     python benchmarks/op_profile.py --config configs/clip_peer.py [--config.x=y ...] [--steps 3]
-        [--peer open_clip] [--top 12]
+        [--peer open_clip [--peer_autocast bfloat16]] [--top 12]
 
 Groups: matmuls (forward; backward dx and dW), the attention core (scores, mask, softmax and
 their gradients; torch: its fused SDPA kernels), layout copies (transposes and copies XLA or torch
@@ -16,7 +16,9 @@ dot ops (its Eigen path) run asynchronously: their trace events end when the dot
 their time shows in the row of time when no op was traced, and they get no GFLOP/s of their own.
 The matmul rows and the per-shape table give GFLOP/s from the shapes (work over the op's share of
 the wall time), to compare with the machine's 2048^3 ceiling, measured here too.
---peer needs the peers extra (pip install -e '.[peers]'). Record results, with the machine, in
+--peer needs the peers extra (pip install -e '.[peers]'). Each side's ceiling is in the dtype of
+its matmuls: bf16 for --config.model.matmul=bf16_operands (or a bf16 model.dtype) and for
+--peer_autocast bfloat16 (open_clip under torch.autocast). Record results, with the machine, in
 docs/benchmarks.md.
 """
 import collections
@@ -41,6 +43,8 @@ config_flags.DEFINE_config_file('config', 'configs/clip_peer.py', 'config file (
 flags.DEFINE_integer('steps', 3, 'profiled steps (after one unprofiled warm-up)')
 flags.DEFINE_enum('peer', None, ['open_clip'], 'also profile this peer\'s step')
 flags.DEFINE_integer('top', 12, 'rows of the per-shape matmul table')
+flags.DEFINE_enum('peer_autocast', None, ['bfloat16'], 'run the peer\'s forward and loss under '
+                  'torch.autocast in this dtype (default: plain f32)')
 
 GROUPS = ('matmul forward', 'matmul backward dx', 'matmul backward dW', 'attention core',
           'layout copies', 'LayerNorm', 'GELU and residual', 'optimizer and update', 'the rest')
@@ -195,11 +199,11 @@ def profile_ours(config, steps):
               async_flops=async_flops)
 
 
-def profile_open_clip(config, steps):
+def profile_open_clip(config, steps, autocast_dtype=None):
   # pylint: disable-next=import-outside-toplevel
   from benchmarks.open_clip_peer import open_clip_step, torch
   torch.set_num_threads(os.cpu_count())
-  step, model = open_clip_step(config)
+  step, model = open_clip_step(config, autocast_dtype)
   kernel_sizes = {p.numel() for p in model.parameters() if p.ndim >= 2}
   step()  # warm-up
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
@@ -288,13 +292,19 @@ def report(name, result, ceiling_gflops, top):
 def main(argv):
   del argv
   f = flags.FLAGS
-  ceiling = 1e3 * timing.matmul_ceiling_tflops('float32')
+  m = f.config.model
+  bf16 = m.get('matmul') == 'bf16_operands' or m.dtype == 'bfloat16'
+  ceiling = 1e3 * timing.matmul_ceiling_tflops('bfloat16' if bf16 else 'float32')
   ours = profile_ours(f.config, f.steps)
-  report('ours (XLA)', ours, ceiling, f.top)
+  report(f'ours (XLA, matmuls {"bf16" if bf16 else "f32"})', ours, ceiling, f.top)
   if f.peer == 'open_clip':
-    from benchmarks import open_clip_peer  # pylint: disable=import-outside-toplevel
-    report(f'open_clip (torch {open_clip_peer.torch.__version__})',
-           profile_open_clip(f.config, f.steps), 1e3 * open_clip_peer.torch_ceiling_tflops(), f.top)
+    # pylint: disable-next=import-outside-toplevel
+    from benchmarks.open_clip_peer import torch, torch_ceiling_tflops
+    autocast = getattr(torch, f.peer_autocast) if f.peer_autocast else None
+    report(f'open_clip (torch {torch.__version__}, '
+           f'{"autocast " + f.peer_autocast if autocast else "f32"})',
+           profile_open_clip(f.config, f.steps, autocast),
+           1e3 * torch_ceiling_tflops(dtype=autocast or torch.float32), f.top)
 
 
 if __name__ == '__main__':

@@ -37,13 +37,12 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import timing
 from scale_jax import run_config
-from scale_jax.train import peak_of_devices
+from scale_jax.train import matmul_dtype, peak_of_devices
 
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'config file (configs/*.py)',
                                 lock_config=True)
@@ -70,12 +69,6 @@ class Run:
   flops: float
   compile_s: float
   times: list = dataclasses.field(default_factory=list)
-
-
-def matmul_dtype(config) -> str:
-  """The dtype whose ceiling a variant's matmuls run against: bf16 operands run them at the bf16
-  rate; otherwise the config's compute dtype."""
-  return 'bfloat16' if 'bf16' in config.model.matmul else str(jnp.dtype(config.model.dtype))
 
 
 def main(argv):

@@ -231,6 +231,14 @@ def measure_peak_tflops(dtype, n=None, repeats=5) -> float:
   return 2 * n ** 3 / best / 1e12
 
 
+def matmul_dtype(config) -> str:
+  """The dtype the model's matmuls run in, whose peak MFU is against: bf16 for bf16 operands
+  (model.matmul), the compute dtype otherwise."""
+  if config.model.matmul == 'bf16_operands':
+    return 'bfloat16'
+  return str(jnp.dtype(config.model.dtype))
+
+
 def peak_of_devices(one_device_tflops, devices) -> float:
   """The matmul peak of `devices`, from one device's measured peak. The CPU devices of a process
   share its cores, and one of them alone already multiplies on all of them: their peak is one
@@ -439,9 +447,9 @@ def train(config, workdir):
   model_flops = model_info.flops_per_example(config)['train'] * config.batch_size  # the formula
   peak = config.peak_tflops_per_device * mesh.size  # of all devices, TFLOP/s
   if not peak:
-    one = measure_peak_tflops(config.model.dtype)
+    one = measure_peak_tflops(matmul_dtype(config))
     peak = peak_of_devices(one, list(mesh.devices.flat))
-    log(f'MFU against a measured {config.model.dtype} matmul peak of {one:.2f} TFLOP/s on one '
+    log(f'MFU against a measured {matmul_dtype(config)} matmul peak of {one:.2f} TFLOP/s on one '
         f'device, {peak:.2f} for the mesh (set config.peak_tflops_per_device to use the '
         f'datasheet figure)')
   log(f'compiled the train step in {time.perf_counter() - t:.1f} s ({step_flops / 1e9:.1f} GFLOP '

@@ -20,6 +20,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -262,6 +263,15 @@ def test_measured_peak_counts_a_process_cpu_cores_once():
   assert trainer.peak_of_devices(0.2, hosts) == pytest.approx(0.4)  # two processes' cores
   chips = [types.SimpleNamespace(platform='tpu', process_index=0)] * 8
   assert trainer.peak_of_devices(197.0, chips) == pytest.approx(8 * 197.0)
+
+
+def test_mfu_peak_is_in_the_dtype_the_matmuls_run_in():
+  config = ml_collections.ConfigDict({'model': {'dtype': 'float32', 'matmul': 'float32'}})
+  assert trainer.matmul_dtype(config) == 'float32'
+  config.model.matmul = 'bf16_operands'  # f32 compute, bf16 matmuls: the bf16 peak
+  assert trainer.matmul_dtype(config) == 'bfloat16'
+  config.model.update(dtype='bfloat16', matmul='float32')
+  assert trainer.matmul_dtype(config) == 'bfloat16'
 
 
 # ------------------------------------------------------------------------------------------------
