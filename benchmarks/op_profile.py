@@ -98,6 +98,12 @@ class Hlo:
     k = math.prod(lhs[int(d)] for d in contracting.group(1).split(',') if d) if contracting else 1
     return k, math.prod(i['dims'])
 
+  def moves_only(self, name):
+    """Whether an instruction (a fusion: with what it runs, nested fusions included) only moves
+    data, and copies or transposes some: a layout copy."""
+    opcodes = {self.instructions[n]['opcode'] for n in self.inner(name)} - {'fusion'}
+    return opcodes <= _MOVES and bool(opcodes & {'transpose', 'copy'})
+
   def dot_flops(self, name):
     k, n = self.dot_sizes(name)
     return 2 * k * n
@@ -179,11 +185,9 @@ def profile_ours(config, steps):
   for op, ms in durations.items():
     inner = hlo.inner(op)
     dots = [n for n in inner if hlo.instructions[n]['opcode'] == 'dot']
-    moves_only = all(hlo.instructions[n]['opcode'] in _MOVES for n in inner) and any(
-        hlo.instructions[n]['opcode'] in ('transpose', 'copy') for n in inner)
     i = hlo.instructions[op]
     # A backward matmul is a kernel's gradient (dW) when its output is kernel-sized.
-    group = classify(i['op_name'], bool(dots), moves_only,
+    group = classify(i['op_name'], bool(dots), hlo.moves_only(op),
                      bool(dots) and hlo.dot_sizes(dots[0])[1] in kernel_sizes)
     groups[group] += ms
     if i['opcode'] == 'dot':  # asynchronous (see the docstring): its event does not time it

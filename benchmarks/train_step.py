@@ -10,10 +10,11 @@ Reports per variant the median seconds per step, examples/s, the step's memory (
 assignment; and the process's peak resident memory), the step's FLOPs as XLA counts them
 in the compiled program (forward + backward + optimizer, attention included), and the achieved
 fraction (MFU) of the ceiling (for a scanned layer stack, which XLA counts once, the model
-formula's FLOPs): the best of 5 runs of a 2048^3 float32 matmul (and bf16, for a
-bf16 variant) on one device, measured here before the steps and again after them, so the figure
-is this machine's at this hour, never a constant; with --peak_tflops_per_device (or the config's
-peak_tflops_per_device) also against that datasheet figure. Several comma-separated --matmul
+formula's FLOPs): the best of 5 runs of a 2048^3 float32 matmul (and bf16 with f32
+accumulation, for a variant whose matmuls run in bf16) on one device, measured here before the
+steps and again after them, so the figure is this machine's at this hour, never a constant;
+with --peak_tflops_per_device (or the config's peak_tflops_per_device) also against that
+datasheet figure. Several comma-separated --matmul
 values (model.matmul) are compiled once each and timed in turn, --rounds times, so that a change
 in the machine's load hits them alike; with --xla_option each is also compiled with those XLA
 compiler options (e.g. xla_cpu_enable_fast_math=true; a list-valued option such as
