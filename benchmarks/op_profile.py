@@ -37,6 +37,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import timing
+from scale_jax.train import matmul_dtype
 
 config_flags.DEFINE_config_file('config', 'configs/clip_peer.py', 'config file (configs/*.py)',
                                 lock_config=True)
@@ -296,11 +297,10 @@ def report(name, result, ceiling_gflops, top):
 def main(argv):
   del argv
   f = flags.FLAGS
-  m = f.config.model
-  bf16 = m.get('matmul') == 'bf16_operands' or m.dtype == 'bfloat16'
-  ceiling = 1e3 * timing.matmul_ceiling_tflops('bfloat16' if bf16 else 'float32')
+  dtype = matmul_dtype(f.config)
+  ceiling = 1e3 * timing.matmul_ceiling_tflops(dtype)
   ours = profile_ours(f.config, f.steps)
-  report(f'ours (XLA, matmuls {"bf16" if bf16 else "f32"})', ours, ceiling, f.top)
+  report(f'ours (XLA, matmuls in {dtype})', ours, ceiling, f.top)
   if f.peer == 'open_clip':
     # pylint: disable-next=import-outside-toplevel
     from benchmarks.open_clip_peer import torch, torch_ceiling_tflops

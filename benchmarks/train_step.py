@@ -14,12 +14,12 @@ formula's FLOPs): the best of 5 runs of a 2048^3 float32 matmul (and bf16 with f
 accumulation, for a variant whose matmuls run in bf16) on one device, measured here before the
 steps and again after them, so the figure is this machine's at this hour, never a constant;
 with --peak_tflops_per_device (or the config's peak_tflops_per_device) also against that
-datasheet figure. Several comma-separated --matmul
-values (model.matmul) are compiled once each and timed in turn, --rounds times, so that a change
-in the machine's load hits them alike; with --xla_option each is also compiled with those XLA
-compiler options (e.g. xla_cpu_enable_fast_math=true; a list-valued option such as
-xla_cpu_experimental_ynn_fusion_type=-individual_dot goes through XLA_FLAGS, for the whole run) and
-timed beside it; each --compare adds a variant of the config with those overrides
+datasheet figure. Several comma-separated --matmul values (model.matmul) are compiled once each
+and timed in turn, --rounds times, so that a change in the machine's load hits them alike;
+with --xla_option each is also compiled with those XLA compiler options (e.g.
+xla_cpu_enable_fast_math=true; a list-valued option such as
+xla_cpu_experimental_ynn_fusion_type=-individual_dot goes through XLA_FLAGS, for the whole run)
+and timed beside it; each --compare adds a variant of the config with those overrides
 (space-separated). --devices 1,2 compiles every variant on a mesh of the first device, and again
 of the first two, and times them beside each other: on a CPU, start it with
 XLA_FLAGS=--xla_force_host_platform_device_count=2 to split the cores into two devices, i.e.

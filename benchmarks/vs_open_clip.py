@@ -33,6 +33,7 @@ from ml_collections import config_flags
 from benchmarks import open_clip_peer
 from benchmarks import timing as ours
 from benchmarks.open_clip_peer import open_clip, torch
+from scale_jax.train import matmul_dtype
 
 config_flags.DEFINE_config_file('config', 'configs/clip_peer.py', 'config file (configs/*.py)',
                                 lock_config=True)
@@ -51,9 +52,7 @@ def main(argv):
   compiled, state, batch, flops, compile_s = ours.compile_step(config)
   autocast = getattr(torch, f.peer_autocast) if f.peer_autocast else None
   theirs, their_model = open_clip_peer.open_clip_step(config, autocast)
-  dtypes = ['float32']
-  if autocast is not None or config.model.matmul == 'bf16_operands':
-    dtypes.append('bfloat16')
+  dtypes = ['float32'] + sorted({matmul_dtype(config), f.peer_autocast or 'float32'} - {'float32'})
   their_params = sum(p.numel() for p in their_model.parameters())
   theirs()  # warm-up
   our_params = sum(x.size for x in jax.tree.leaves(state.params))
