@@ -204,11 +204,11 @@ def profile_ours(config, steps):
               async_flops=async_flops)
 
 
-def profile_open_clip(config, steps, autocast_dtype=None):
+def profile_open_clip(config, steps, autocast=None):
   # pylint: disable-next=import-outside-toplevel
   from benchmarks.open_clip_peer import open_clip_step, torch
   torch.set_num_threads(os.cpu_count())
-  step, model = open_clip_step(config, autocast_dtype)
+  step, model = open_clip_step(config, autocast)
   kernel_sizes = {p.numel() for p in model.parameters() if p.ndim >= 2}
   step()  # warm-up
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
@@ -304,11 +304,10 @@ def main(argv):
   if f.peer == 'open_clip':
     # pylint: disable-next=import-outside-toplevel
     from benchmarks.open_clip_peer import torch, torch_ceiling_tflops
-    autocast = getattr(torch, f.peer_autocast) if f.peer_autocast else None
     report(f'open_clip (torch {torch.__version__}, '
-           f'{"autocast " + f.peer_autocast if autocast else "f32"})',
-           profile_open_clip(f.config, f.steps, autocast),
-           1e3 * torch_ceiling_tflops(dtype=autocast or torch.float32), f.top)
+           f'{"autocast " + f.peer_autocast if f.peer_autocast else "float32"})',
+           profile_open_clip(f.config, f.steps, f.peer_autocast),
+           1e3 * torch_ceiling_tflops(f.peer_autocast or 'float32'), f.top)
 
 
 if __name__ == '__main__':

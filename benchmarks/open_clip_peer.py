@@ -10,9 +10,9 @@ except ImportError as e:
   sys.exit(f'{e}: this benchmark needs the peers extra: pip install -e \'.[peers]\'')
 
 
-def open_clip_step(config, autocast_dtype=None):
+def open_clip_step(config, autocast=None):
   """open_clip's CLIP at the config's dimensions, with its ClipLoss and AdamW: a step function,
-  and the model. With `autocast_dtype` (torch.bfloat16), the forward and loss run under
+  and the model. With `autocast` (a dtype name: 'bfloat16'), the forward and loss run under
   torch.autocast: torch's own mixed precision, matmuls on bf16 copies, weights and optimizer f32."""
   m = config.model
   if m.width % m.heads:
@@ -33,6 +33,7 @@ def open_clip_step(config, autocast_dtype=None):
   images = torch.randn(config.batch_size, 3, config.image.size, config.image.size, generator=gen)
   texts = torch.randint(0, m.vocab_size, (config.batch_size, config.text.max_len), generator=gen)
   model.train()
+  autocast_dtype = getattr(torch, autocast) if autocast else None
 
   def step():
     with torch.autocast('cpu', dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -46,8 +47,8 @@ def open_clip_step(config, autocast_dtype=None):
   return step, model
 
 
-def torch_ceiling_tflops(n=2048, repeats=5, dtype=torch.float32) -> float:
-  a = torch.ones(n, n, dtype=dtype)
+def torch_ceiling_tflops(dtype='float32', n=2048, repeats=5) -> float:
+  a = torch.ones(n, n, dtype=getattr(torch, dtype))
   a @ a
   best = float('inf')
   for _ in range(repeats):

@@ -50,8 +50,7 @@ def main(argv):
   config = f.config
   torch.set_num_threads(f.threads or os.cpu_count())
   compiled, state, batch, flops, compile_s = ours.compile_step(config)
-  autocast = getattr(torch, f.peer_autocast) if f.peer_autocast else None
-  theirs, their_model = open_clip_peer.open_clip_step(config, autocast)
+  theirs, their_model = open_clip_peer.open_clip_step(config, f.peer_autocast)
   dtypes = ['float32'] + sorted({matmul_dtype(config), f.peer_autocast or 'float32'} - {'float32'})
   their_params = sum(p.numel() for p in their_model.parameters())
   theirs()  # warm-up
@@ -64,7 +63,7 @@ def main(argv):
   for i in range(f.rounds):
     for d in dtypes:
       ceilings['xla', d].append(ours.matmul_ceiling_tflops(d))
-      ceilings['torch', d].append(open_clip_peer.torch_ceiling_tflops(dtype=getattr(torch, d)))
+      ceilings['torch', d].append(open_clip_peer.torch_ceiling_tflops(d))
     t, state = ours.time_steps(compiled, state, batch, f.steps)
     times['ours'] += t
     their = []

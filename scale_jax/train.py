@@ -447,9 +447,10 @@ def train(config, workdir):
   model_flops = model_info.flops_per_example(config)['train'] * config.batch_size  # the formula
   peak = config.peak_tflops_per_device * mesh.size  # of all devices, TFLOP/s
   if not peak:
-    one = measure_peak_tflops(matmul_dtype(config))
+    dtype = matmul_dtype(config)
+    one = measure_peak_tflops(dtype)
     peak = peak_of_devices(one, list(mesh.devices.flat))
-    log(f'MFU against a measured {matmul_dtype(config)} matmul peak of {one:.2f} TFLOP/s on one '
+    log(f'MFU against a measured {dtype} matmul peak of {one:.2f} TFLOP/s on one '
         f'device, {peak:.2f} for the mesh (set config.peak_tflops_per_device to use the '
         f'datasheet figure)')
   log(f'compiled the train step in {time.perf_counter() - t:.1f} s ({step_flops / 1e9:.1f} GFLOP '
