@@ -36,8 +36,8 @@ def get_config():
   # cut into 10 x 8 patches of 74 frames x 10 bands: 80 audio tokens.
   c.audio.update(seconds=12.0, n_fft=1024, hop=256, n_mels=80, patch_time=74, patch_freq=10)
   # Scanned layers, each block keeping its matmul outputs and recomputing the rest: at batch 16
-  # on the CPU 1.10x to 1.15x faster than unscanned (AMD Zen 3 and Zen 4), with 30% smaller XLA
-  # buffers (docs/benchmarks.md). bf16 compute is for TPU and GPU: on a CPU, f32 is faster, and
+  # on the CPU 1.10x to 1.19x faster than unscanned (AMD Zen 3, Zen 4 and Zen 5), with 30% smaller
+  # XLA buffers (docs/benchmarks.md). bf16 compute is for TPU and GPU: on a CPU, f32 is faster, and
   # model.matmul='bf16_operands' with f32 faster still where the CPU has AVX512_BF16.
   c.model.update(vocab_size=32000, width=768, heads=12, mlp_dim=3072, encoder_layers=6,
                  joint_layers=6, embed_dim=256, dtype='bfloat16', scan_layers=True,
