@@ -1,5 +1,6 @@
 """What the step benchmarks share: the machine's matmul ceiling, our compiled train step on random
 inputs, and its timing."""
+import os
 import resource
 import time
 
@@ -62,6 +63,12 @@ def step_memory_gb(compiled) -> float:
   m = compiled.memory_analysis()
   return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
           - m.alias_size_in_bytes) / 1e9
+
+
+def xla_flags() -> str:
+  """This process's XLA_FLAGS, for the report: they can change which kernels run (e.g. every dot
+  through Eigen) and how many devices the cores are split into (docs/benchmarks.md)."""
+  return os.environ.get('XLA_FLAGS', '').strip() or 'none'
 
 
 def peak_rss_gb() -> float:

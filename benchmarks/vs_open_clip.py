@@ -82,7 +82,8 @@ def main(argv):
         f'{"autocast " + f.peer_autocast if f.peer_autocast else "float32"}; '
         f'{os.cpu_count()} cores, torch {torch.__version__}, open_clip {open_clip.__version__}; '
         'matmul ceilings (2048^3, best of the rounds, GFLOP/s): '
-        + ', '.join(f'{lib} {d} {v:.0f}' for (lib, d), v in best.items()))
+        + ', '.join(f'{lib} {d} {v:.0f}' for (lib, d), v in best.items())
+        + f'; XLA_FLAGS {ours.xla_flags()}')
   for name, seconds in median.items():
     rate = flops / 1e9 / seconds
     fractions = ', '.join(f'{100 * rate / v:.0f}% of {lib} {d}' for (lib, d), v in best.items())

@@ -29,6 +29,7 @@ def test_times_each_device_count_beside_the_other():
   assert results[1][0] == results[4][0] >= ceiling
   assert not results[1][1] and results[4][1]  # XLA's buffers are per device
   assert re.search(r'^fastest here: float32 \[(1 device|4 devices)\]$', out, re.MULTILINE)
+  assert f'XLA_FLAGS of this run: {os.environ["XLA_FLAGS"].strip()}\n' in out  # the suite's flags
   assert re.search(r'step_ms [0-9.]+\s*$', out)
 
 
