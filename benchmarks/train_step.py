@@ -59,6 +59,18 @@ flags.DEFINE_string('devices', None, 'device counts, comma-separated: every vari
                     'on a mesh of the first N devices, once per count (default: all devices)')
 
 
+def xla_options(items):
+  """--xla_option KEY=VALUE items as compiler options; a malformed item is a usage error."""
+  options = {}
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not key or not sep:
+      raise app.UsageError(f'--xla_option {item!r}: expected KEY=VALUE, e.g. '
+                           f'xla_cpu_enable_fast_math=true')
+    options[key] = value
+  return options
+
+
 @dataclasses.dataclass
 class Run:
   """One variant on its devices: what compile_step gave, and the seconds of its timed steps."""
@@ -83,7 +95,7 @@ def main(argv):
         f'start it with XLA_FLAGS=--xla_force_host_platform_device_count={max(counts)}')
   matmuls = f.matmul.split(',') if f.matmul else [config.model.get('matmul', 'float32')]
   datasheet = f.peak_tflops_per_device or config.peak_tflops_per_device
-  options = dict(o.split('=', 1) for o in f.xla_option)
+  options = xla_options(f.xla_option)
   variants = []  # (label, config, XLA options)
   for matmul in matmuls:
     c = config.copy_and_resolve_references()
@@ -95,15 +107,24 @@ def main(argv):
     c = run_config.with_overrides(config, {key: ast.literal_eval(value) for key, value in (
         item.split('=', 1) for item in overrides.split())})
     variants.append((f'{c.model.matmul}, {overrides}', c, None))
-  dtypes = {'float32'} | {matmul_dtype(c) for _, c, _ in variants}
-  ceiling = {d: timing.matmul_ceiling_tflops(d) for d in sorted(dtypes)}
   runs = {}
   for n in counts:
     for label, c, compiler_options in variants:
       if len(counts) > 1:
         label += f' [{n} device{"s" if n > 1 else ""}]'
       devices = jax.devices()[:n]
-      runs[label] = Run(c, devices, *timing.compile_step(c, compiler_options, devices))
+      try:
+        runs[label] = Run(c, devices, *timing.compile_step(c, compiler_options, devices))
+      except jax.errors.JaxRuntimeError as e:
+        if not compiler_options or 'option' not in str(e):
+          raise
+        raise app.UsageError(
+            f'--xla_option {" ".join(f.xla_option)}: XLA rejected it ({e}). A list-valued '
+            f'option such as xla_cpu_experimental_ynn_fusion_type=-individual_dot is given '
+            f'through XLA_FLAGS=--KEY=VALUE instead, for the whole run') from e
+  # The ceiling just before the steps (and again after them), not before the compiles.
+  dtypes = {'float32'} | {matmul_dtype(c) for _, c, _ in variants}
+  ceiling = {d: timing.matmul_ceiling_tflops(d) for d in sorted(dtypes)}
   for i in range(f.rounds):
     for label, run in runs.items():
       times, run.state = timing.time_steps(run.compiled, run.state, run.batch, f.steps)

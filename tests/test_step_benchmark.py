@@ -1,6 +1,6 @@
 """benchmarks/train_step.py: one run timing a config on one device and on all four of the suite's
 CPU devices, each against the one machine's matmul ceiling; and asking for more devices than
-there are."""
+there are; an XLA option XLA rejects."""
 import os
 import re
 import subprocess
@@ -57,3 +57,21 @@ def test_a_compared_bf16_variant_is_held_to_the_bf16_ceiling():
   assert re.search(r"matmul float32 on 1 x cpu: .* of the measured float32 matmul ceiling", out)
   assert re.search(r"matmul bf16_operands, model.matmul='bf16_operands' on 1 x cpu: .* of the "
                    r'measured bfloat16 matmul ceiling', out), out
+
+
+def test_an_xla_option_xla_rejects_is_a_usage_error_that_names_xla_flags():
+  def run(option):
+    return subprocess.run(
+        [sys.executable, 'benchmarks/train_step.py', '--config', 'configs/tiny.py',
+         '--config.batch_size=8', "--config.modalities=('text', 'image')", '--steps', '1',
+         '--devices', '1', '--xla_option', option],
+        cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
+  # XLA's option parser takes no '-' list syntax: that value only works through XLA_FLAGS.
+  proc = run('xla_cpu_experimental_ynn_fusion_type=-individual_dot')
+  assert proc.returncode != 0
+  assert 'XLA rejected it' in proc.stderr and "'-individual_dot' is not a valid" in proc.stderr
+  assert 'XLA_FLAGS=--KEY=VALUE' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  proc = run('xla_cpu_enable_fast_math')
+  assert proc.returncode != 0
+  assert "--xla_option 'xla_cpu_enable_fast_math': expected KEY=VALUE" in proc.stderr
