@@ -71,6 +71,24 @@ def xla_options(items):
   return options
 
 
+def compared_config(config, overrides: str):
+  """config with a --compare's space-separated KEY=VALUE overrides (VALUE a Python literal)."""
+  values = {}
+  for item in overrides.split():
+    key, sep, value = item.partition('=')
+    if not key or not sep:
+      raise app.UsageError(f'--compare {overrides!r}: {item!r} is not KEY=VALUE')
+    try:
+      values[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError) as e:
+      raise app.UsageError(f'--compare {overrides!r}: {value!r} is not a Python literal; quote '
+                           f"a string, e.g. model.matmul='bf16_operands'") from e
+  try:
+    return run_config.with_overrides(config, values)
+  except (KeyError, TypeError) as e:
+    raise app.UsageError(f'--compare {overrides!r}: {e}') from e
+
+
 @dataclasses.dataclass
 class Run:
   """One variant on its devices: what compile_step gave, and the seconds of its timed steps."""
@@ -104,8 +122,7 @@ def main(argv):
     if options:
       variants.append((f'{matmul} + {" ".join(f.xla_option)}', c, options))
   for overrides in f.compare:
-    c = run_config.with_overrides(config, {key: ast.literal_eval(value) for key, value in (
-        item.split('=', 1) for item in overrides.split())})
+    c = compared_config(config, overrides)
     variants.append((f'{c.model.matmul}, {overrides}', c, None))
   runs = {}
   for n in counts:

@@ -26,13 +26,18 @@ def save(config, workdir: str) -> None:
 
 
 def with_overrides(config, overrides: dict) -> ml_collections.ConfigDict:
-  """A copy of config with each {'a.b': value} set, as --config.a.b=value sets it."""
+  """A copy of config with each {'a.b': value} set, as --config.a.b=value sets it: an existing
+  field only (a misspelt one would otherwise be added, and the run silently unchanged)."""
   config = config.copy_and_resolve_references()
   for key, value in overrides.items():
     *sections, leaf = key.split('.')
     node = config
     for section in sections:
       node = node[section]
+    if leaf not in node:
+      raise KeyError(f'config override {key!r}: the config has no field {leaf!r}'
+                     f'{" in " + ".".join(sections) if sections else ""}; its fields there: '
+                     f'{", ".join(sorted(node.keys()))}')
     node[leaf] = value
   return config
 

@@ -1,8 +1,9 @@
-"""Every config shapes (paper and large are shaped, never run); model_info's FLOP formula."""
+"""Every config shapes (paper and large are shaped, never run); model_info's FLOP formula; config
+overrides by dotted name (the ablations' and train_step.py --compare's)."""
 import jax
 import pytest
 
-from scale_jax import losses, modalities, model_info, sharding
+from scale_jax import losses, modalities, model_info, run_config, sharding
 from scale_jax.state import build_model, make_optimizer, sharded_state_init
 from scale_jax.train import make_train_step, xla_flops
 
@@ -11,6 +12,15 @@ CONFIGS = ('tiny', 'demo', 'paper', 'paper_released', 'large', 'clip_peer')
 
 def _config(name):
   return model_info.load_config(f'configs/{name}.py')
+
+
+def test_an_override_sets_an_existing_field_and_refuses_a_misspelt_one():
+  config = _config('tiny')
+  changed = run_config.with_overrides(config, {'model.matmul': 'bf16_operands', 'seed': 7})
+  assert (changed.model.matmul, changed.seed) == ('bf16_operands', 7)
+  assert config.model.matmul == 'float32'  # a copy: the base config is unchanged
+  with pytest.raises(KeyError, match=r"'model.matmull'.* no field 'matmull' in model; .*matmul"):
+    run_config.with_overrides(config, {'model.matmull': 'bf16_operands'})
 
 
 @pytest.mark.parametrize('name', CONFIGS)

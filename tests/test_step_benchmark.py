@@ -1,6 +1,6 @@
 """benchmarks/train_step.py: one run timing a config on one device and on all four of the suite's
 CPU devices, each against the one machine's matmul ceiling; and asking for more devices than
-there are; an XLA option XLA rejects."""
+there are; an XLA option XLA rejects, and a misspelt --compare."""
 import os
 import re
 import subprocess
@@ -75,3 +75,18 @@ def test_an_xla_option_xla_rejects_is_a_usage_error_that_names_xla_flags():
   proc = run('xla_cpu_enable_fast_math')
   assert proc.returncode != 0
   assert "--xla_option 'xla_cpu_enable_fast_math': expected KEY=VALUE" in proc.stderr
+
+
+def test_a_misspelt_or_unquoted_compare_is_a_usage_error_not_an_unchanged_variant():
+  def run(overrides):
+    return subprocess.run(
+        [sys.executable, 'benchmarks/train_step.py', '--config', 'configs/tiny.py',
+         '--steps', '1', '--compare', overrides],
+        cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
+  # Before, a misspelt field was added to the config and the "variant" timed the base config.
+  proc = run("model.matmull='bf16_operands'")
+  assert proc.returncode != 0
+  assert "no field 'matmull' in model" in proc.stderr and 'Traceback' not in proc.stderr
+  proc = run('model.matmul=bf16_operands')
+  assert proc.returncode != 0
+  assert "'bf16_operands' is not a Python literal; quote a string" in proc.stderr
