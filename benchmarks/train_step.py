@@ -18,10 +18,11 @@ datasheet figure. Several comma-separated --matmul values (model.matmul) are com
 and timed in turn, --rounds times, so that a change in the machine's load hits them alike;
 with --xla_option each is also compiled with those XLA compiler options (e.g.
 xla_cpu_enable_fast_math=true; a list-valued option such as
-xla_cpu_experimental_ynn_fusion_type=-individual_dot goes through XLA_FLAGS, for the whole run)
-and timed beside it; each --compare adds a variant of the config with those overrides
-(space-separated). --devices 1,2 compiles every variant on a mesh of the first device, and again
-of the first two, and times them beside each other: on a CPU, start it with
+xla_cpu_experimental_ynn_fusion_type=-individual_dot goes through XLA_FLAGS, for the whole run:
+benchmarks/xla_flags.py times such settings against each other) and timed beside it; each
+--compare adds a variant of the config with those overrides (space-separated). --devices 1,2
+compiles every variant on a mesh of the first device, and again of the first two, and times
+them beside each other: on a CPU, start it with
 XLA_FLAGS=--xla_force_host_platform_device_count=2 to split the cores into two devices, i.e.
 data parallelism across them (the devices share the cores, so the ceiling is the one machine's,
 and the buffers are per device). With several variants it names the fastest here: choose
@@ -138,7 +139,8 @@ def main(argv):
         raise app.UsageError(
             f'--xla_option {" ".join(f.xla_option)}: XLA rejected it ({e}). A list-valued '
             f'option such as xla_cpu_experimental_ynn_fusion_type=-individual_dot is given '
-            f'through XLA_FLAGS=--KEY=VALUE instead, for the whole run') from e
+            f'through XLA_FLAGS=--KEY=VALUE instead, for the whole run (benchmarks/'
+            f'xla_flags.py times XLA_FLAGS settings against each other)') from e
   # The ceiling just before the steps (and again after them), not before the compiles.
   dtypes = {'float32'} | {matmul_dtype(c) for _, c, _ in variants}
   ceiling = {d: timing.matmul_ceiling_tflops(d) for d in sorted(dtypes)}

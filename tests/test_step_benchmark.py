@@ -1,6 +1,7 @@
 """benchmarks/train_step.py: one run timing a config on one device and on all four of the suite's
 CPU devices, each against the one machine's matmul ceiling; and asking for more devices than
-there are; an XLA option XLA rejects, and a misspelt --compare."""
+there are; an XLA option XLA rejects, and a misspelt --compare. benchmarks/xla_flags.py: the
+same step under two XLA_FLAGS settings, in alternating processes."""
 import os
 import re
 import subprocess
@@ -90,3 +91,28 @@ def test_a_misspelt_or_unquoted_compare_is_a_usage_error_not_an_unchanged_varian
   proc = run('model.matmul=bf16_operands')
   assert proc.returncode != 0
   assert "'bf16_operands' is not a Python literal; quote a string" in proc.stderr
+
+
+def test_xla_flags_times_each_setting_in_its_own_process_on_top_of_the_callers_flags():
+  eigen = '--xla_cpu_experimental_ynn_fusion_type=-individual_dot'
+  proc = subprocess.run(
+      [sys.executable, 'benchmarks/xla_flags.py', '--variant', '', '--variant', eigen,
+       '--rounds', '1', '--', '--config', 'configs/tiny.py', '--config.batch_size=8',
+       "--config.modalities=('text', 'image')", '--steps', '1', '--devices', '1'],
+      cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  assert re.search(r"^round 1, XLA_FLAGS \+ '': step_ms [0-9.]+ ", out, re.MULTILINE), out
+  assert re.search(rf"^round 1, XLA_FLAGS \+ '{eigen}': step_ms [0-9.]+ ", out, re.MULTILINE)
+  assert f'XLA_FLAGS of this process: {os.environ["XLA_FLAGS"].strip()}\n' in out
+  assert re.search(rf"^XLA_FLAGS \+ '{eigen}': .*x the first, faster in [01] of 1$", out,
+                   re.MULTILINE), out
+  assert re.search(r'^speedup [0-9.]+\s*$', out, re.MULTILINE)
+  # A variant XLA cannot parse: the run that failed is named, with its error.
+  proc = subprocess.run(
+      [sys.executable, 'benchmarks/xla_flags.py', '--variant', '', '--variant',
+       '--xla_no_such_flag=1', '--rounds', '1', '--', '--config', 'configs/tiny.py',
+       '--steps', '1', '--devices', '1'],
+      cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
+  assert proc.returncode != 0
+  assert 'train_step.py under XLA_FLAGS=' in proc.stderr and 'xla_no_such_flag' in proc.stderr

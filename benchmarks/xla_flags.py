@@ -1,0 +1,73 @@
+r"""Times benchmarks/train_step.py under several XLA_FLAGS settings, in alternating whole processes,
+to choose them per machine by a measurement: XLA flags act on a whole process, so they cannot be
+timed beside each other in one run the way train_step.py times its own variants.
+
+    python benchmarks/xla_flags.py --variant '' \
+        --variant '--xla_cpu_experimental_ynn_fusion_type=-individual_dot' [--rounds 2] \
+        -- --config configs/clip_peer.py --steps 4 [any other train_step.py flags]
+
+Each --variant is added to this process's own XLA_FLAGS (the first variant is the reference;
+'' is the flags as they are). Every round runs train_step.py once per variant, in turn, so that a
+change in the machine's load hits them alike; each run measures its own matmul ceiling. The
+report: per round, each variant's step time (train_step.py's `step_ms`, the median of its steps)
+and f32 ceiling; then each variant's median over the rounds, its speed-up over the first and in
+how many rounds it was faster, and the fastest here. The last line is `speedup <first / second>`.
+Record results, with the machine, in docs/benchmarks.md.
+"""
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_multi_string('variant', None, 'XLA flags added to XLA_FLAGS for one variant (the '
+                          "first is the reference; '' for none)")
+flags.DEFINE_integer('rounds', 2, 'rounds over the variants, each variant once per round')
+
+TRAIN_STEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_step.py')
+
+
+def run_train_step(variant: str, args) -> tuple[float, float]:
+  """train_step.py with `args` under XLA_FLAGS + variant: (its step_ms, its f32 ceiling)."""
+  env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {variant}'.strip())
+  proc = subprocess.run([sys.executable, TRAIN_STEP, *args], env=env, capture_output=True,
+                        text=True, check=False)
+  step = re.search(r'^step_ms ([0-9.]+)\s*$', proc.stdout, re.MULTILINE)
+  if proc.returncode or not step:
+    sys.exit(f'train_step.py under XLA_FLAGS={env["XLA_FLAGS"]!r} failed (exit '
+             f'{proc.returncode}):\n{proc.stderr[-3000:]}')
+  ceiling = re.search(r'float32 (\d+) GFLOP/s before, (\d+) after', proc.stdout)
+  return float(step.group(1)), max(float(ceiling.group(1)), float(ceiling.group(2)))
+
+
+def main(argv):
+  variants = flags.FLAGS.variant
+  if not variants or len(variants) < 2:
+    raise app.UsageError("give at least two --variant (e.g. --variant '' --variant '--xla_...')")
+  args = argv[1:]  # what follows `--`: train_step.py's own flags
+  times = {v: [] for v in variants}
+  for i in range(flags.FLAGS.rounds):
+    for variant in variants:
+      step_ms, ceiling = run_train_step(variant, args)
+      times[variant].append(step_ms)
+      print(f'round {i + 1}, XLA_FLAGS + {variant!r}: step_ms {step_ms:.1f} (f32 ceiling '
+            f'{ceiling:.0f} GFLOP/s)', flush=True)
+  base = variants[0]
+  median = {v: statistics.median(t) for v, t in times.items()}
+  print(f'train_step.py {" ".join(args)}; XLA_FLAGS of this process: '
+        f'{os.environ.get("XLA_FLAGS", "").strip() or "none"}')
+  for variant in variants:
+    faster = sum(t < b for t, b in zip(times[variant], times[base]))
+    rounds = len(times[variant])
+    line = f'XLA_FLAGS + {variant!r}: {median[variant]:.1f} ms/step (median of {rounds} rounds)'
+    if variant != base:
+      line += f', {median[base] / median[variant]:.3f}x the first, faster in {faster} of {rounds}'
+    print(line)
+  print(f'fastest here: XLA_FLAGS + {min(median, key=median.get)!r}')
+  print(f'speedup {median[base] / median[variants[1]]:.3f}')
+
+
+if __name__ == '__main__':
+  app.run(main)
