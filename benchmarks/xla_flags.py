@@ -29,8 +29,9 @@ flags.DEFINE_integer('rounds', 2, 'rounds over the variants, each variant once p
 TRAIN_STEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_step.py')
 
 
-def run_train_step(variant: str, args) -> tuple[float, float]:
-  """train_step.py with `args` under XLA_FLAGS + variant: (its step_ms, its f32 ceiling)."""
+def run_train_step(variant: str, args) -> tuple[float, float, str]:
+  """train_step.py with `args` under XLA_FLAGS + variant: its step_ms, its f32 ceiling and the
+  XLA_FLAGS it reports."""
   env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {variant}'.strip())
   proc = subprocess.run([sys.executable, TRAIN_STEP, *args], env=env, capture_output=True,
                         text=True, check=False)
@@ -39,21 +40,22 @@ def run_train_step(variant: str, args) -> tuple[float, float]:
     sys.exit(f'train_step.py under XLA_FLAGS={env["XLA_FLAGS"]!r} failed (exit '
              f'{proc.returncode}):\n{proc.stderr[-3000:]}')
   ceiling = re.search(r'float32 (\d+) GFLOP/s before, (\d+) after', proc.stdout)
-  return float(step.group(1)), max(float(ceiling.group(1)), float(ceiling.group(2)))
+  reported = re.search(r'^XLA_FLAGS of this run: (.*)$', proc.stdout, re.MULTILINE).group(1)
+  return float(step.group(1)), max(float(ceiling.group(1)), float(ceiling.group(2))), reported
 
 
 def main(argv):
   variants = flags.FLAGS.variant
-  if not variants or len(variants) < 2:
+  if len(variants or []) < 2:
     raise app.UsageError("give at least two --variant (e.g. --variant '' --variant '--xla_...')")
   args = argv[1:]  # what follows `--`: train_step.py's own flags
   times = {v: [] for v in variants}
   for i in range(flags.FLAGS.rounds):
     for variant in variants:
-      step_ms, ceiling = run_train_step(variant, args)
+      step_ms, ceiling, reported = run_train_step(variant, args)
       times[variant].append(step_ms)
       print(f'round {i + 1}, XLA_FLAGS + {variant!r}: step_ms {step_ms:.1f} (f32 ceiling '
-            f'{ceiling:.0f} GFLOP/s)', flush=True)
+            f'{ceiling:.0f} GFLOP/s; the run\'s XLA_FLAGS: {reported})', flush=True)
   base = variants[0]
   median = {v: statistics.median(t) for v, t in times.items()}
   print(f'train_step.py {" ".join(args)}; XLA_FLAGS of this process: '

@@ -102,16 +102,21 @@ def test_xla_flags_times_each_setting_in_its_own_process_on_top_of_the_callers_f
       cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
-  assert re.search(r"^round 1, XLA_FLAGS \+ '': step_ms [0-9.]+ ", out, re.MULTILINE), out
-  assert re.search(rf"^round 1, XLA_FLAGS \+ '{eigen}': step_ms [0-9.]+ ", out, re.MULTILINE)
-  assert f'XLA_FLAGS of this process: {os.environ["XLA_FLAGS"].strip()}\n' in out
+  suite = os.environ['XLA_FLAGS'].strip()
+  # Each run reports the flags it ran under: the suite's own, and the variant's after them.
+  assert re.search(rf"^round 1, XLA_FLAGS \+ '': step_ms [0-9.]+ .*the run's XLA_FLAGS: "
+                   rf'{re.escape(suite)}\)$', out, re.MULTILINE), out
+  assert re.search(rf"^round 1, XLA_FLAGS \+ '{eigen}': step_ms [0-9.]+ .*the run's XLA_FLAGS: "
+                   rf'{re.escape(suite + " " + eigen)}\)$', out, re.MULTILINE), out
+  assert f'XLA_FLAGS of this process: {suite}\n' in out
   assert re.search(rf"^XLA_FLAGS \+ '{eigen}': .*x the first, faster in [01] of 1$", out,
                    re.MULTILINE), out
   assert re.search(r'^speedup [0-9.]+\s*$', out, re.MULTILINE)
-  # A variant XLA cannot parse: the run that failed is named, with its error.
+  # A variant XLA cannot parse (first, so that no run before it is timed): the failed run is
+  # named, with its error.
   proc = subprocess.run(
-      [sys.executable, 'benchmarks/xla_flags.py', '--variant', '', '--variant',
-       '--xla_no_such_flag=1', '--rounds', '1', '--', '--config', 'configs/tiny.py',
+      [sys.executable, 'benchmarks/xla_flags.py', '--variant', '--xla_no_such_flag=1',
+       '--variant', '', '--rounds', '1', '--', '--config', 'configs/tiny.py',
        '--steps', '1', '--devices', '1'],
       cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
   assert proc.returncode != 0
