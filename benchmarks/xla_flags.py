@@ -11,8 +11,8 @@ Each --variant is added to this process's own XLA_FLAGS (the first variant is th
 change in the machine's load hits them alike; each run measures its own matmul ceiling. The
 report: per round, each variant's step time (train_step.py's `step_ms`, the median of its steps),
 its f32 ceiling and the XLA_FLAGS the run reports; then each variant's median over the rounds, its
-speed-up over the first and in how many rounds it was faster, and the fastest here. The last line is `speedup <first / second>`.
-Record results, with the machine, in docs/benchmarks.md.
+speed-up over the first and in how many rounds it was faster, and the fastest here. The last line
+is `speedup <first / second>`. Record results, with the machine, in docs/benchmarks.md.
 """
 import os
 import re
