@@ -10,12 +10,15 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_benchmark(script, *args):
+  """benchmarks/<script> with args, in the suite's environment (its XLA_FLAGS: four devices)."""
+  return subprocess.run([sys.executable, f'benchmarks/{script}', *args], cwd=REPO,
+                        env=dict(os.environ), capture_output=True, text=True, timeout=550)
+
+
 def test_times_each_device_count_beside_the_other():
-  proc = subprocess.run(
-      [sys.executable, 'benchmarks/train_step.py', '--config', 'configs/tiny.py',
-       '--config.batch_size=8', "--config.modalities=('text', 'image')", '--steps', '1',
-       '--devices', '1,4'],
-      cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
+  proc = run_benchmark('train_step.py', '--config', 'configs/tiny.py', '--config.batch_size=8',
+                       "--config.modalities=('text', 'image')", '--steps', '1', '--devices', '1,4')
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
   ceiling = float(re.search(r'float32 (\d+) GFLOP/s before, (\d+) after', out).group(1))
@@ -35,10 +38,7 @@ def test_times_each_device_count_beside_the_other():
 
 
 def test_more_devices_than_the_process_has_says_how_to_get_them():
-  proc = subprocess.run(
-      [sys.executable, 'benchmarks/train_step.py', '--config', 'configs/tiny.py',
-       '--devices', '1,8'],
-      cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
+  proc = run_benchmark('train_step.py', '--config', 'configs/tiny.py', '--devices', '1,8')
   assert proc.returncode != 0
   assert 'this process has 4 device(s)' in proc.stderr
   assert 'XLA_FLAGS=--xla_force_host_platform_device_count=8' in proc.stderr
@@ -46,12 +46,10 @@ def test_more_devices_than_the_process_has_says_how_to_get_them():
 
 def test_a_compared_bf16_variant_is_held_to_the_bf16_ceiling():
   # The ceilings come from every variant's dtype, not only the base config's and --matmul's.
-  proc = subprocess.run(
-      [sys.executable, 'benchmarks/train_step.py', '--config', 'configs/tiny.py',
-       '--config.model.dtype=float32', '--config.batch_size=8',
-       "--config.modalities=('text', 'image')", '--steps', '1', '--devices', '1',
-       '--compare', "model.matmul='bf16_operands'"],
-      cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
+  proc = run_benchmark('train_step.py', '--config', 'configs/tiny.py',
+                       '--config.model.dtype=float32', '--config.batch_size=8',
+                       "--config.modalities=('text', 'image')", '--steps', '1', '--devices', '1',
+                       '--compare', "model.matmul='bf16_operands'")
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
   assert re.search(r'bfloat16 \d+ GFLOP/s before', out), out
@@ -62,11 +60,9 @@ def test_a_compared_bf16_variant_is_held_to_the_bf16_ceiling():
 
 def test_an_xla_option_xla_rejects_is_a_usage_error_that_names_xla_flags():
   def run(option):
-    return subprocess.run(
-        [sys.executable, 'benchmarks/train_step.py', '--config', 'configs/tiny.py',
-         '--config.batch_size=8', "--config.modalities=('text', 'image')", '--steps', '1',
-         '--devices', '1', '--xla_option', option],
-        cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
+    return run_benchmark('train_step.py', '--config', 'configs/tiny.py', '--config.batch_size=8',
+                         "--config.modalities=('text', 'image')", '--steps', '1', '--devices', '1',
+                         '--xla_option', option)
   # XLA's option parser takes no '-' list syntax: that value only works through XLA_FLAGS.
   proc = run('xla_cpu_experimental_ynn_fusion_type=-individual_dot')
   assert proc.returncode != 0
@@ -80,10 +76,8 @@ def test_an_xla_option_xla_rejects_is_a_usage_error_that_names_xla_flags():
 
 def test_a_misspelt_or_unquoted_compare_is_a_usage_error():
   def run(overrides):
-    return subprocess.run(
-        [sys.executable, 'benchmarks/train_step.py', '--config', 'configs/tiny.py',
-         '--steps', '1', '--compare', overrides],
-        cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
+    return run_benchmark('train_step.py', '--config', 'configs/tiny.py', '--steps', '1',
+                         '--compare', overrides)
   # Named in one line, not a traceback (the locked --config raised one from ml_collections).
   proc = run("model.matmull='bf16_operands'")
   assert proc.returncode != 0
@@ -95,11 +89,9 @@ def test_a_misspelt_or_unquoted_compare_is_a_usage_error():
 
 def test_xla_flags_times_each_setting_in_its_own_process_on_top_of_the_callers_flags():
   eigen = '--xla_cpu_experimental_ynn_fusion_type=-individual_dot'
-  proc = subprocess.run(
-      [sys.executable, 'benchmarks/xla_flags.py', '--variant', '', '--variant', eigen,
-       '--rounds', '1', '--', '--config', 'configs/tiny.py', '--config.batch_size=8',
-       "--config.modalities=('text', 'image')", '--steps', '1', '--devices', '1'],
-      cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
+  proc = run_benchmark('xla_flags.py', '--variant', '', '--variant', eigen, '--rounds', '1', '--',
+                       '--config', 'configs/tiny.py', '--config.batch_size=8',
+                       "--config.modalities=('text', 'image')", '--steps', '1', '--devices', '1')
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
   suite = os.environ['XLA_FLAGS'].strip()
@@ -114,10 +106,8 @@ def test_xla_flags_times_each_setting_in_its_own_process_on_top_of_the_callers_f
   assert re.search(r'^speedup [0-9.]+\s*$', out, re.MULTILINE)
   # A variant XLA cannot parse (first, so that no run before it is timed): the failed run is
   # named, with its error.
-  proc = subprocess.run(
-      [sys.executable, 'benchmarks/xla_flags.py', '--variant', '--xla_no_such_flag=1',
-       '--variant', '', '--rounds', '1', '--', '--config', 'configs/tiny.py',
-       '--steps', '1', '--devices', '1'],
-      cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=550)
+  proc = run_benchmark('xla_flags.py', '--variant', '--xla_no_such_flag=1', '--variant', '',
+                       '--rounds', '1', '--', '--config', 'configs/tiny.py', '--steps', '1',
+                       '--devices', '1')
   assert proc.returncode != 0
   assert 'train_step.py under XLA_FLAGS=' in proc.stderr and 'xla_no_such_flag' in proc.stderr
