@@ -34,6 +34,46 @@ def test_table_forms():
       raw.parse_table(bad)
 
 
+def test_table_gaps_and_blanks_are_left_out():
+  assert raw.parse_table({'颜色': '白色', 'size': None, 'fit': float('nan')}) == [('颜色', '白色')]
+  assert raw.parse_table('#:##;# #:# #;#size#:#XL') == [('size', 'XL')]
+  assert raw.parse_table(float('nan')) == []
+
+
+def _manifest(tmp_path, lines: list[bytes]) -> str:
+  (tmp_path / 'a.jpg').write_bytes(b'not checked by read_manifest')
+  path = tmp_path / 'manifest.jsonl'
+  path.write_bytes(b'\n'.join(lines) + b'\n')
+  return str(path)
+
+
+def test_manifest_as_spreadsheet_tools_write_it(tmp_path):
+  """A byte-order mark, NaN for an empty cell (Python's json writes pandas gaps so), a title that
+  is a number and a caption of blanks: every product kept, nothing counted as a problem."""
+  path = _manifest(tmp_path, [
+      b'\xef\xbb\xbf{"item_id": "p0", "label": 1, "caption": "a red shoe", "instance_id": 7}',
+      b'{"item_id": "p1", "label": 1.0, "caption": 501, "instance_id": NaN, "image": NaN}',
+      b'{"item_id": "p2", "label": "1", "caption": " \xe3\x80\x80 ", "tabular": NaN, '
+      b'"image": "a.jpg"}',
+  ])
+  problems = raw.Problems()
+  products = {p['item_id']: p for p in raw.read_manifest(path, problems)}
+  assert not problems and list(products) == ['p0', 'p1', 'p2']
+  assert products['p0']['instance_id'] == '7' and products['p1']['instance_id'] is None
+  assert products['p1']['caption'] == '501' and products['p1']['image'] is None
+  assert {p['label'] for p in products.values()} == {'1'}
+  assert not raw.has_modality(products['p2'], 'text')  # blanks (an ideographic space) only
+  assert not raw.has_modality(products['p2'], 'table') and raw.has_modality(products['p2'], 'image')
+
+
+def test_a_manifest_with_nothing_usable_names_the_first_problem(tmp_path):
+  path = _manifest(tmp_path, [b'{"item_id": "p0", "caption": "no label"}', b'[1, 2]'])
+  with pytest.raises(raw.RawDataError) as error:
+    raw.read_manifest(path, raw.Problems())
+  assert str(error.value) == (f'{path}: manifest has no usable products (2 broken line; the '
+                              f'first: {path}:1: required field "label" is missing)')
+
+
 def tiny_config(data_dir):
   c = tiny.get_config()
   c.data.dir = data_dir
@@ -279,6 +319,80 @@ def test_frame_conversion_matches_ffmpeg():
     ours = media._frame_to_rgb(frame, 32)
   assert np.abs(ours - reference).mean() < 0.02
   assert np.abs(ours - frame_rgb / 255.0).mean() < 0.03
+
+
+def _encoded(img, fmt, **kwargs) -> bytes:
+  import io
+  buf = io.BytesIO()
+  img.save(buf, fmt, **kwargs)
+  return buf.getvalue()
+
+
+def test_images_are_read_as_the_shop_shows_them():
+  from PIL import Image
+  halves = np.zeros((16, 16, 3), np.uint8)
+  halves[:, :8] = [255, 0, 0]  # red | green
+  upright = media.decode_image(_encoded(Image.fromarray(halves), 'PNG'), 4)
+  # A camera stores its sensor's rows and says in EXIF how to turn them (3: by 180 degrees).
+  exif = Image.Exif()
+  exif[0x0112] = 3
+  turned = _encoded(Image.fromarray(halves[::-1, ::-1].copy()), 'PNG', exif=exif.tobytes())
+  np.testing.assert_allclose(media.decode_image(turned, 4), upright, atol=1e-6)
+  # A cut-out: red on transparent pixels that store black. Shops show it over white.
+  cutout = np.zeros((16, 16, 4), np.uint8)
+  cutout[:, :8] = [255, 0, 0, 255]
+  over_white = media.decode_image(_encoded(Image.fromarray(cutout, 'RGBA'), 'PNG'), 4)
+  np.testing.assert_allclose(over_white[:, -1], 1.0)
+  np.testing.assert_allclose(over_white[:, 0], [[1, 0, 0]] * 4)
+  palette = Image.fromarray((np.arange(16)[None] < 8).repeat(16, 0).astype(np.uint8), 'P')
+  palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)  # index 0 (right) transparent black
+  np.testing.assert_allclose(
+      media.decode_image(_encoded(palette, 'PNG', transparency=0), 4), over_white, atol=1e-6)
+  # 16-bit grey, read as 8 bits would show it, not clipped at 255.
+  grey = np.linspace(0, 65535, 16)[None].repeat(16, 0).astype(np.uint16)
+  eight_bit = Image.fromarray((grey // 257).astype(np.uint8)).convert('RGB')
+  np.testing.assert_allclose(media.decode_image(_encoded(Image.fromarray(grey), 'PNG'), 4),
+                             media.decode_image(_encoded(eight_bit, 'PNG'), 4), atol=1 / 255)
+
+
+def test_videos_are_turned_by_their_display_matrix():
+  import io
+
+  import av
+  halves = np.zeros((16, 24, 3), np.uint8)
+  halves[:, :12] = [255, 0, 0]  # a landscape frame, red | green
+
+  def mp4(rotation):
+    buf = io.BytesIO()
+    with av.open(buf, 'w', format='mp4') as container:
+      stream = container.add_stream('libx264', rate=2)
+      stream.height, stream.width, stream.pix_fmt = 16, 24, 'yuv420p'
+      if rotation:
+        stream.set_display_rotation(rotation)  # degrees counterclockwise, as PyAV reads it back
+      for _ in range(2):
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(halves, format='rgb24')))
+      container.mux(stream.encode())
+    return buf.getvalue()
+
+  stored, _ = media.decode_video(mp4(0), 2, 8, fps=2.0)
+  assert stored[0, :, 0, 0].min() > 0.9 and stored[0, :, -1, 0].max() < 0.1  # red on the left
+  for rotation in (90, -90, 180):
+    shown, count = media.decode_video(mp4(rotation), 2, 8, fps=2.0)
+    assert count == 2
+    np.testing.assert_allclose(shown, np.rot90(stored, rotation // 90, axes=(1, 2)), atol=1e-6)
+  assert media.decode_video(mp4(90), 2, 8, fps=2.0)[0][0, -1, :, 0].min() > 0.9  # red below
+
+
+def test_audio_with_nan_samples_does_not_decode():
+  import io
+
+  import soundfile
+  wave = np.sin(np.arange(3200, dtype=np.float32))
+  wave[2500] = np.nan  # past the build's 0.1 s check window: the whole file is checked
+  buf = io.BytesIO()
+  soundfile.write(buf, wave, 16000, format='WAV', subtype='FLOAT')
+  with pytest.raises(media.MediaError, match='NaN or Inf'):
+    modalities.get('audio').check_bytes(buf.getvalue())
 
 
 def test_log_mel_peaks_at_the_tone():

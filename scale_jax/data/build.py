@@ -319,7 +319,8 @@ def build(raw_dir: str, out: str, vocab_size: int = 1000, test_fraction: float =
   products = raw.read_manifest(manifest, problems)
   products = usable(_check_all(products, problems, workers, progress), problems)
   if not products:
-    raise raw.RawDataError(f'{manifest}: no usable products ({problems.summary()})')
+    raise raw.RawDataError(f'{manifest}: no usable products '
+                           f'({problems.summary_and_first()})')
   products, categories, instances = dense_ids(products)
   splits = split_products(products, test_fraction, val_fraction)  # before anything is written
   os.makedirs(out, exist_ok=True)

@@ -13,18 +13,37 @@ import scipy.fft
 import scipy.signal
 import scipy.sparse
 import soundfile
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 class MediaError(ValueError):
   """Encoded media that cannot be decoded."""
 
 
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 is upright
+
+
+def _upright_rgb(img: Image.Image) -> Image.Image:
+  """An opened image as the shop shows it, in 8-bit RGB: turned by its EXIF orientation (camera
+  photos store the sensor's rows), transparent pixels over white (product cut-outs; `convert`
+  alone would show the colour stored under them, often black), 16-bit grey scaled to 8 bits
+  (`convert` clips it at 255)."""
+  if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+    img = ImageOps.exif_transpose(img)
+  if img.mode.startswith('I'):  # 16-bit grey: PNG and TIFF open as I;16 (older Pillow: I)
+    grey = np.asarray(img, np.float32) * (255.0 / 65535.0)
+    img = Image.fromarray(np.clip(grey.round(), 0, 255).astype(np.uint8))
+  if img.has_transparency_data:
+    img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)),
+                                img.convert('RGBA'))
+  return img.convert('RGB')
+
+
 def decode_image(data: bytes, size: int) -> np.ndarray:
-  """JPEG/PNG bytes -> float32 [size, size, 3] in [0, 1]."""
+  """Image bytes (JPEG, PNG, WebP, anything Pillow reads; the first frame of an animation) ->
+  float32 [size, size, 3] in [0, 1], upright and over white as _upright_rgb makes it."""
   try:
-    img = Image.open(io.BytesIO(data))
-    img = img.convert('RGB').resize((size, size), Image.BILINEAR)
+    img = _upright_rgb(Image.open(io.BytesIO(data))).resize((size, size), Image.BILINEAR)
   except Exception as e:  # PIL raises several unrelated types for corrupt files
     raise MediaError(f'cannot decode image: {e}') from e
   return np.asarray(img, np.float32) / 255.0
@@ -136,10 +155,11 @@ def decode_video(data: bytes, num_frames: int, size: int, fps: float) -> tuple[n
   """MP4 bytes -> (float32 [num_frames, size, size, 3] in [0, 1], number of real frames).
 
   Frames are taken about `fps` per second from the start (the paper's one per second), at most
-  num_frames of them; the rest of the array is zeros.
+  num_frames of them; the rest of the array is zeros. They are turned as the file's display
+  matrix says (a phone's portrait video is stored on its side, with a rotation to show it by).
   """
   out = np.zeros((num_frames, size, size, 3), np.float32)
-  frames, next_time = [], 0.0
+  frames, next_time, rotation = [], 0.0, 0
   try:
     # An ISO media file (MP4, MOV): name the demuxer FFmpeg's probing would pick, unprobed.
     with av.open(io.BytesIO(data), format='mp4' if data[4:8] == b'ftyp' else None) as container:
@@ -149,6 +169,7 @@ def decode_video(data: bytes, num_frames: int, size: int, fps: float) -> tuple[n
         if frame.time is not None and frame.time + 1e-6 < next_time:
           continue
         frames.append(_yuv_planes(frame))
+        rotation = frame.rotation  # degrees counterclockwise, from the display matrix
         next_time += 1.0 / fps
         if len(frames) == num_frames:
           break
@@ -156,7 +177,8 @@ def decode_video(data: bytes, num_frames: int, size: int, fps: float) -> tuple[n
     raise MediaError(f'cannot decode video: {e}') from e
   if not frames:
     raise MediaError('video has no frames')
-  out[:len(frames)] = _frames_to_rgb(frames, size)
+  # Turned after the resize: the frames are square by then, and it is the same pixels.
+  out[:len(frames)] = np.rot90(_frames_to_rgb(frames, size), k=round(rotation / 90), axes=(1, 2))
   return out, len(frames)
 
 
@@ -218,6 +240,8 @@ def decode_audio(data: bytes, sample_rate: int, seconds: float) -> tuple[np.ndar
       raise MediaError(f'cannot decode audio: {e}') from e
   if wave.size == 0:
     raise MediaError('audio is empty')
+  if not np.isfinite(wave).all():  # a float WAV can hold them; one would make the loss NaN
+    raise MediaError('audio holds NaN or Inf samples')
   if rate != sample_rate:
     g = np.gcd(rate, sample_rate)
     wave = scipy.signal.resample_poly(wave, sample_rate // g, rate // g).astype(np.float32)

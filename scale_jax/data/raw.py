@@ -9,6 +9,7 @@ RawDataError naming the file (and line) and the reason.
 """
 import collections
 import json
+import math
 import os
 
 from scale_jax import modalities
@@ -62,11 +63,24 @@ class Problems:
       return 'no bad input'
     return ', '.join(f'{self.counts[k]} {k}' for k in PROBLEM_KINDS if self.counts[k])
 
+  def summary_and_first(self) -> str:
+    """The summary and the first problem in full: what to fix when nothing was usable."""
+    if not self.items:
+      return self.summary()
+    _, where, reason = self.items[0]
+    return f'{self.summary()}; the first: {where}: {reason}'
+
+
+def _is_gap(value) -> bool:
+  """null, or NaN: Python's json writes a pandas gap (a missing cell) as the literal NaN."""
+  return value is None or (isinstance(value, float) and math.isnan(value))
+
 
 def parse_table(table) -> list[tuple[str, str]]:
   """The table as the official string `k#:#v#;#k#:#v`, a list of [key, value] pairs or a
-  {key: value} object (or None / '' / []) -> [(key, value), ...]. Raises ValueError if malformed."""
-  if not table:
+  {key: value} object (or None / '' / []) -> [(key, value), ...], stripped; pairs whose value is
+  null, or with neither key nor value, are left out. Raises ValueError if malformed."""
+  if _is_gap(table) or not table:
     return []
   if isinstance(table, dict):
     table = list(table.items())
@@ -89,9 +103,13 @@ def parse_table(table) -> list[tuple[str, str]]:
     raise ValueError(f'table is a {type(table).__name__}, not a string or a list of pairs')
   out = []
   for key, value in pairs:
+    if _is_gap(value):  # a property the product does not have (a sparse table's gap)
+      continue
     if not isinstance(key, str) or not isinstance(value, (str, int, float)):
       raise ValueError(f'table entry ({key!r}, {value!r}) is not text')
-    out.append((key.strip(), str(value).strip()))
+    key, value = key.strip(), str(value).strip()
+    if key or value:  # `#:#` alone, or blanks: nothing to read
+      out.append((key, value))
   return out
 
 
@@ -112,9 +130,10 @@ def manifest_path(raw: str) -> str:
 
 def id_text(value) -> str | None:
   """An item id, instance id or label as text: a string as it is, an integer as its digits (also
-  an integral float, as pandas writes an integer column with gaps); None when absent or ''.
+  an integral float, as pandas writes an integer column with gaps); None when absent, '' or
+  NaN (such a column's gap).
   Raises ValueError for any other JSON value."""
-  if value is None or value == '':
+  if _is_gap(value) or value == '':
     return None
   if isinstance(value, float) and value.is_integer():
     value = int(value)
@@ -153,11 +172,18 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
 
   # instance_id None: the product is its own instance.
   product = dict(ids, where=where, audio_in_video=False)
-  caption = record.get('caption') or ''
-  if not isinstance(caption, str) or not _is_text(caption):
+  caption = record.get('caption')
+  if _is_gap(caption):
+    caption = ''
+  elif isinstance(caption, (int, float)) and not isinstance(caption, bool):
+    caption = str(caption)  # a title that is only a number, as a spreadsheet export writes it
+  elif not isinstance(caption, str):
+    problems.add('undecodable text', where, f'caption is a JSON {type(caption).__name__}, not text')
+    caption = ''
+  elif not _is_text(caption):
     problems.add('undecodable text', where, 'caption is not valid UTF-8 text')
     caption = ''
-  product['caption'] = caption
+  product['caption'] = caption.strip()  # blanks alone are no caption
 
   table = record.get('tabular')
   try:
@@ -171,7 +197,7 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
 
   for field in MEDIA + tuple(FEATURE_FIELDS.values()):
     rel, product[field] = record.get(field), None
-    if not rel:
+    if _is_gap(rel) or not rel:
       continue
     full = os.path.join(root, str(rel))
     if not os.path.isfile(full):
@@ -197,6 +223,8 @@ def read_manifest(path: str, problems: Problems | None = None) -> list[dict]:
   products, seen = [], set()
   with open(path, 'rb') as f:
     for line_no, line in enumerate(f, 1):
+      if line_no == 1:
+        line = line.removeprefix(b'\xef\xbb\xbf')  # the byte-order mark Windows tools write
       if not line.strip():
         continue
       where = f'{path}:{line_no}'
@@ -209,7 +237,8 @@ def read_manifest(path: str, problems: Problems | None = None) -> list[dict]:
       seen.add(product['item_id'])
       products.append(product)
   if not products:
-    raise RawDataError(f'{path}: manifest has no usable products ({problems.summary()})')
+    raise RawDataError(f'{path}: manifest has no usable products '
+                       f'({problems.summary_and_first()})')
   return products
 
 
