@@ -383,16 +383,37 @@ def test_videos_are_turned_by_their_display_matrix():
   assert media.decode_video(mp4(90), 2, 8, fps=2.0)[0][0, -1, :, 0].min() > 0.9  # red below
 
 
-def test_audio_with_nan_samples_does_not_decode():
+def _sound_file(wave, rate, fmt='WAV', subtype='PCM_16') -> bytes:
   import io
 
   import soundfile
-  wave = np.sin(np.arange(3200, dtype=np.float32))
-  wave[2500] = np.nan  # past the build's 0.1 s check window: the whole file is checked
   buf = io.BytesIO()
-  soundfile.write(buf, wave, 16000, format='WAV', subtype='FLOAT')
-  with pytest.raises(media.MediaError, match='NaN or Inf'):
-    modalities.get('audio').check_bytes(buf.getvalue())
+  soundfile.write(buf, wave, rate, format=fmt, subtype=subtype)
+  return buf.getvalue()
+
+
+def test_audio_decodes_only_its_window_and_the_same_samples():
+  rng = np.random.default_rng(0)
+  for rate in (8000, 22050, 44100):
+    wave = (0.3 * rng.standard_normal((3 * rate, 2))).astype(np.float32)
+    for data in (_sound_file(wave, rate), _sound_file(wave, rate, 'FLAC'),
+                 synthetic.encode_mp4(np.full((2, 16, 16, 3), 128, np.uint8), 2,
+                                      audio=wave[:, 0], sample_rate=rate)):
+      whole, samples = media.decode_audio(data, 16000)
+      assert samples == len(whole) >= 48000  # (AAC adds a frame or two of padding)
+      window, samples = media.decode_audio(data, 16000, 1.0)
+      assert samples == 16000
+      np.testing.assert_array_equal(window, whole[:16000])  # resampled as if read whole
+  # Samples past the window are not read: NaN there fails only the build's check, which reads
+  # the whole clip, and a NaN inside the window fails the decode.
+  wave = np.sin(np.arange(16000, dtype=np.float32))
+  wave[8000] = np.nan
+  data = _sound_file(wave, 16000, subtype='FLOAT')
+  assert np.isfinite(media.decode_audio(data, 16000, 0.2)[0]).all()
+  for decode in (lambda: media.decode_audio(data, 16000, 0.5),
+                 lambda: modalities.get('audio').check_bytes(data)):
+    with pytest.raises(media.MediaError, match='NaN or Inf'):
+      decode()
 
 
 def test_log_mel_peaks_at_the_tone():

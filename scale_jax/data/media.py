@@ -182,10 +182,15 @@ def decode_video(data: bytes, num_frames: int, size: int, fps: float) -> tuple[n
   return out, len(frames)
 
 
-def _read_sound_track(data: bytes) -> tuple[np.ndarray, int]:
-  """The first audio stream of any container FFmpeg reads (an MP4's sound track, AAC, MP3):
-  (float32 [samples], rate), mixed to mono."""
-  chunks, rate = [], None
+def _window_samples(keep: float | None, rate: int) -> int | None:
+  """Samples at `rate` in `keep` seconds, rounded up; None (everything) for None."""
+  return None if keep is None else int(np.ceil(keep * rate))
+
+
+def _read_sound_track(data: bytes, keep: float | None) -> tuple[np.ndarray, int]:
+  """The first `keep` seconds or more (None: all) of the first audio stream of any container
+  FFmpeg reads (an MP4's sound track, AAC, MP3): (float32 [samples], rate), mixed to mono."""
+  chunks, rate, total = [], None, 0
   with av.open(io.BytesIO(data)) as container:
     if not container.streams.audio:
       raise MediaError('no audio stream in the file')
@@ -198,15 +203,18 @@ def _read_sound_track(data: bytes) -> tuple[np.ndarray, int]:
       if frame.format.name.startswith(('s16', 's32')):  # integer PCM -> [-1, 1]
         samples /= float(2 ** (8 * frame.format.bytes - 1))
       chunks.append(samples.mean(axis=0))
+      total += len(chunks[-1])
+      if keep is not None and total >= _window_samples(keep, rate):
+        break
   if not chunks:
     raise MediaError('audio is empty')
   return np.concatenate(chunks), rate
 
 
-def _read_pcm16_wav(data: bytes):
-  """(float32 [samples, channels], rate) of a plain 16-bit PCM WAV, as soundfile reads it (x /
-  32768), through the standard library: libsndfile's reads from memory cost 10x more. None for
-  anything else."""
+def _read_pcm16_wav(data: bytes, keep: float | None):
+  """(float32 [samples, channels], rate) of the first `keep` seconds (None: all) of a plain
+  16-bit PCM WAV, as soundfile reads it (x / 32768), through the standard library: libsndfile's
+  reads from memory cost 10x more. None for anything else."""
   if data[:4] != b'RIFF' or data[8:12] != b'WAVE':
     return None
   try:
@@ -214,7 +222,9 @@ def _read_pcm16_wav(data: bytes):
       channels, width, frames = f.getnchannels(), f.getsampwidth(), f.getnframes()
       if width != 2 or f.getcomptype() != 'NONE' or not frames:
         return None
-      rate, pcm = f.getframerate(), f.readframes(frames)
+      rate = f.getframerate()
+      frames = min(frames, _window_samples(keep, rate) or frames)
+      pcm = f.readframes(frames)
   except (wave_file.Error, EOFError, ValueError):
     return None
   if len(pcm) != frames * channels * 2:  # truncated: leave it to libsndfile
@@ -222,20 +232,36 @@ def _read_pcm16_wav(data: bytes):
   return np.frombuffer(pcm, '<i2').reshape(frames, channels) / np.float32(32768.0), rate
 
 
-def decode_audio(data: bytes, sample_rate: int, seconds: float) -> tuple[np.ndarray, int]:
-  """Audio bytes -> (mono float32 waveform at sample_rate, first `seconds`, zero-padded; number
-  of real samples before the padding).
+def _read_sound_file(data: bytes, keep: float | None):
+  """(float32 [samples, channels], rate) of the first `keep` seconds (None: all) of a file
+  libsndfile reads (WAV, FLAC, OGG, MP3)."""
+  with soundfile.SoundFile(io.BytesIO(data)) as f:
+    rate = f.samplerate
+    return f.read(_window_samples(keep, rate) or -1, dtype='float32', always_2d=True), rate
+
+
+# Read past the window, so that resampling its last samples sees the clip, not an edge:
+# resample_poly's filter reaches 10 / min(rate, sample_rate) seconds either side (about 1 ms);
+# the margin is a hundred times that.
+_RESAMPLE_MARGIN_S = 0.1
+
+
+def decode_audio(data: bytes, sample_rate: int,
+                 seconds: float | None = None) -> tuple[np.ndarray, int]:
+  """Audio bytes -> (mono float32 waveform at sample_rate, its first `seconds` zero-padded (None:
+  the whole clip); number of real samples before the padding).
 
   WAV/FLAC/OGG through libsndfile; anything else FFmpeg reads (an MP4 video's sound track
-  included) through PyAV.
+  included) through PyAV. Only the window is decoded (with a margin for the resampling): a
+  minute-long sound track costs what its first seconds do.
   """
+  keep = None if seconds is None else seconds + _RESAMPLE_MARGIN_S
   try:
-    wave, rate = _read_pcm16_wav(data) or soundfile.read(io.BytesIO(data), dtype='float32',
-                                                          always_2d=True)
+    wave, rate = _read_pcm16_wav(data, keep) or _read_sound_file(data, keep)
     wave = wave[:, 0] if wave.shape[1] == 1 else wave.mean(axis=1)
   except (soundfile.LibsndfileError, RuntimeError, TypeError):
     try:
-      wave, rate = _read_sound_track(data)
+      wave, rate = _read_sound_track(data, keep)
     except (av.FFmpegError, IndexError, ValueError) as e:
       raise MediaError(f'cannot decode audio: {e}') from e
   if wave.size == 0:
@@ -245,6 +271,8 @@ def decode_audio(data: bytes, sample_rate: int, seconds: float) -> tuple[np.ndar
   if rate != sample_rate:
     g = np.gcd(rate, sample_rate)
     wave = scipy.signal.resample_poly(wave, sample_rate // g, rate // g).astype(np.float32)
+  if seconds is None:
+    return wave, len(wave)
   length = int(sample_rate * seconds)
   return np.pad(wave[:length], (0, max(0, length - wave.shape[0]))), min(len(wave), length)
 
