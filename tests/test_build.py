@@ -199,12 +199,21 @@ def test_raw_names_the_manifest_file_and_val_fraction_0_writes_no_validation_spl
   os.rename(tmp_path / 'raw' / 'manifest.jsonl', tmp_path / 'raw' / 'products.jsonl')
   build.main(['--raw', str(tmp_path / 'raw' / 'products.jsonl'), '--out', str(tmp_path / 'out'),
               '--vocab-size', '400', '--val-fraction', '0', '--workers', '1'])
-  assert 'train 78, test 12; 4 categories' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert 'train 78, test 12; 4 categories' in out and 'warning' not in out
   assert set(_records(tmp_path / 'out')) == {'train', 'test'}
   with pytest.raises(KeyError, match="no split 'validation'"):
     build.load_presence(str(tmp_path / 'out'), 'validation')
   with pytest.raises(raw.RawDataError, match='none.jsonl: manifest not found'):
     _build(tmp_path / 'raw' / 'none.jsonl', tmp_path / 'out')
+
+
+def test_a_catalogue_of_one_label_is_warned_about(catalogue, tmp_path, capsys):
+  _edited(catalogue, tmp_path / 'raw', lambda r, i, root: dict(r, label='shoes'))
+  build.main(['--raw', str(tmp_path / 'raw'), '--out', str(tmp_path / 'out'),
+              '--vocab-size', '400', '--val-fraction', '0', '--workers', '1'])
+  assert ('; 1 category;' in (out := capsys.readouterr().out)
+          and 'warning: every product has the same label' in out)
 
 
 def test_presence_index_matches_the_records(catalogue, tmp_path):

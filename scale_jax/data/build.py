@@ -368,11 +368,17 @@ def main(argv=None):
   except raw.RawDataError as e:
     raise SystemExit(f'error: {e}') from None
   info = tfds.builder_from_directory(dataset_dir(args.out)).info
+  categories = len(load_categories(args.out))
   print(f'built {dataset_dir(args.out)}: '
         + ', '.join(f'{k} {v.num_examples}' for k, v in info.splits.items())
-        + f'; {len(load_categories(args.out))} categories; tokenizer {tokenizer_path(args.out)}')
+        + f'; {categories} categor{"y" if categories == 1 else "ies"}; tokenizer '
+        + tokenizer_path(args.out))
   print(f'bad input: {problems.summary()}'
         + (f' (each one in {report_path(args.out)})' if problems else ''))
+  if categories == 1:
+    print('warning: every product has the same label: coarse-grained retrieval, classification '
+          'and clustering will score 100% for any model; give each product its category in '
+          '"label" (docs/data.md)')
 
 
 if __name__ == '__main__':
