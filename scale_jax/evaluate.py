@@ -16,6 +16,7 @@ from absl import flags
 from etils import epath
 
 from scale_jax import cli, config_check, evaluators, sharding, state
+from scale_jax.data import pipeline
 from scale_jax.evaluators import features
 
 _STEP = flags.DEFINE_integer('step', None, 'checkpoint step to evaluate (default: the latest)')
@@ -31,6 +32,11 @@ def evaluate(config, workdir, step=None, names=None, random_init=False, split='t
   likewise if asked}. Process 0 writes RUN/eval/step_N.json and .md."""
   mesh = sharding.make_mesh(config.mesh)
   config_check.check(config, mesh)
+  have = pipeline.splits(config.data.dir)
+  if split not in have:  # before the checkpoint is read
+    hint = ' (rebuild it with --val-fraction 0.05 for one)' if split == 'validation' else ''
+    raise config_check.ConfigError(f'--split={split}: {config.data.dir} has no such split, only '
+                                   f'{", ".join(have)}{hint}')
   params, step = state.restore_params(config, workdir, mesh, step)
   model = state.build_model(config, mesh)
   extractor = features.FeatureExtractor(model, config, mesh)

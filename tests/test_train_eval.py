@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from scale_jax import cli, evaluate, modalities, run_config
+from scale_jax import cli, config_check, evaluate, modalities, run_config
 from scale_jax.data import pipeline
 from scale_jax.evaluators import features
 from scale_jax.train import train
@@ -97,6 +97,13 @@ def test_a_config_that_does_not_fit_the_checkpoint_names_the_field(trained):
   message = str(e.value)
   assert 'patch_heads_image' in message and 'loss.mrm: 1.0 -> 0.0' in message
   assert 'leave out --config' in message
+
+
+def test_evaluating_a_split_the_dataset_lacks_says_which_it_has(trained):
+  config, workdir, _ = trained
+  with pytest.raises(config_check.ConfigError, match=f'^--split=val: {config.data.dir} has no '
+                                                      'such split, only train, validation, test$'):
+    evaluate.evaluate(config, workdir, split='val')
 
 
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'notebooks',
