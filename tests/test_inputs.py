@@ -95,6 +95,15 @@ def test_products_without_the_runs_modalities_are_left_out(config, caplog):
   assert f'left out {(~has_text).sum()} of {len(has_text)} products' in caplog.text
   batch = next(iter(pipeline.train_dataset(config)))
   assert batch['present'].all()
+  assert 'no product has' not in caplog.text
+
+
+def test_a_modality_no_product_has_is_warned_about(config, caplog):
+  config.image.source = 'features'  # the fixture's products bring no image features
+  pipeline.usable_rows(config, 'train')
+  assert ("train split: no product has image in the form config.image.source='features' reads"
+          in caplog.text)
+  assert caplog.text.count('no product has') == 1
 
 
 def test_mlm_replacements_come_from_the_tokenizer(config):

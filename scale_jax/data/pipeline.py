@@ -112,6 +112,12 @@ def usable_rows(config, split: str, complete: bool = False) -> np.ndarray:
   if not has.any():
     raise ValueError(f'{config.data.dir}: no {split} product has any of config.modalities='
                      f'{names}')
+  for m, column in zip(names, columns.T):
+    if not column.any():  # e.g. source='features' on a catalogue that brought none
+      form = (f' in the form config.{m}.source={config[m].source!r} reads'
+              if 'source' in config[m] else '')
+      logging.warning('%s split: no product has %s%s: its encoder and losses learn nothing; '
+                      'leave it out of config.modalities', split, m, form)
   return np.flatnonzero(has)
 
 
