@@ -10,7 +10,7 @@ import pytest
 from configs import tiny
 from scale_jax import evaluators, sharding, state
 from scale_jax.data import build, pipeline
-from scale_jax.evaluators import features
+from scale_jax.evaluators import features, retrieval
 
 
 @pytest.fixture(scope='module')
@@ -86,6 +86,9 @@ def test_evaluators_by_name_report_a_row_per_combination(setup):
   table = evaluators.tables({'pretrained': results, 'random init': results}, chosen)
   assert table.count('| text+image | pretrained |') == 4
   assert '### coarse: coarse-grained retrieval' in table
+  undefined = {'fine': {'text': retrieval.retrieval_metrics(np.zeros((2, 10), bool), [0, 0])}}
+  assert ('| text | pretrained | n/a | n/a | n/a | n/a | n/a | n/a | 0 |'
+          in evaluators.tables({'pretrained': undefined}, {'fine': chosen['fine']}))
   with pytest.raises(ValueError, match="no evaluator 'nope'"):
     evaluators.from_config(config, ['nope'])
 

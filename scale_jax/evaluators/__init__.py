@@ -10,6 +10,8 @@ runs those whose `every` divides the step, on the validation split; `python -m
 scale_jax.evaluate` runs them all on the test split. Adding an evaluator is a module and a line
 in TYPES; the trainer never changes.
 """
+import math
+
 from scale_jax.evaluators import classification, clustering, features, retrieval
 
 TYPES = {'retrieval': retrieval.Evaluator, 'classification': classification.Evaluator,
@@ -72,7 +74,7 @@ def flat(results: dict, prefix: str = 'eval') -> dict:
 
 def tables(results_by_model: dict, evaluators: dict) -> str:
   """Paper-style Markdown tables, one per evaluator: a row per (combination, model), metrics in
-  % (counts as they are). results_by_model: {'pretrained (step N)': results, 'random init': ...}."""
+  % (counts as they are; n/a for an undefined one). results_by_model: {'pretrained (step N)': results, 'random init': ...}."""
   out = []
   for name, e in evaluators.items():
     rows = [(combo, model, metrics) for combo in e.combination_names()
@@ -85,7 +87,8 @@ def tables(results_by_model: dict, evaluators: dict) -> str:
     out.append('| modalities | model | ' + ' | '.join(columns) + ' |')
     out.append('|---|---|' + '---|' * len(columns))
     for combo, model, metrics in rows:
-      cells = [f'{v:d}' if isinstance(v, int) else f'{100 * v:.2f}' for v in metrics.values()]
+      cells = [f'{v:d}' if isinstance(v, int) else 'n/a' if math.isnan(v) else f'{100 * v:.2f}'
+               for v in metrics.values()]
       out.append(f'| {combo} | {model} | ' + ' | '.join(cells) + ' |')
     out.append('')
   return '\n'.join(out)

@@ -3,6 +3,8 @@
 Features are L2-normalised by the caller, so the dot product is the cosine similarity. Nothing
 here holds a full queries x gallery matrix: top_k works through blocks of query rows.
 """
+import math
+
 import numpy as np
 from etils import epath
 
@@ -96,7 +98,8 @@ def retrieval_metrics(relevant, num_relevant, ks=KS) -> dict:
 
   Returns:
     {'mAP@k': ..., 'Prec@k': ... for each k in ks, in [0, 1]; 'queries': the number of queries
-    counted}. With no query counted every metric is 0.0.
+    counted}. With no query counted (say, fine-grained retrieval on a catalogue without an
+    instance shared by two products) every metric is NaN: undefined, not 0.
   """
   relevant = np.asarray(relevant, bool)
   num_relevant = np.asarray(num_relevant).reshape(-1)
@@ -115,8 +118,8 @@ def retrieval_metrics(relevant, num_relevant, ks=KS) -> dict:
     hits = hits_at[:, d - 1] if d else np.zeros(count)
     total = gain[:, d - 1] if d else np.zeros(count)
     ap = np.where(hits > 0, total / np.maximum(hits, 1), 0.0)
-    maps[f'mAP@{k}'] = float(ap.mean()) if count else 0.0
-    precisions[f'Prec@{k}'] = float((hits / k).mean()) if count else 0.0
+    maps[f'mAP@{k}'] = float(ap.mean()) if count else math.nan
+    precisions[f'Prec@{k}'] = float((hits / k).mean()) if count else math.nan
   out = {**maps, **precisions}
   out['queries'] = count
   return out
