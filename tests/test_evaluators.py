@@ -93,6 +93,27 @@ def test_evaluators_by_name_report_a_row_per_combination(setup):
     evaluators.from_config(config, ['nope'])
 
 
+def test_a_combination_no_product_has_is_undefined_not_scored(setup):
+  """A catalogue without any image: its rows are NaN (n/a) with a count of 0, not a 0% or a 100%
+  from fitting or clustering nothing; the other rows are scored as ever."""
+  config = setup[0]
+  split = {s: _extract(setup, s) for s in ('test', 'train')}
+  for f in split.values():
+    f.has['image'] = np.zeros_like(f.has['image'])
+
+  class Context:
+    def features(self, which=None):
+      return split[which or 'test']
+
+  chosen = evaluators.from_config(config, ['coarse', 'probe', 'clustering'])
+  for name, e in chosen.items():
+    rows = e(Context())
+    counts = {k: v for k, v in rows['image'].items() if isinstance(v, int)}
+    assert list(counts.values()) == [0], (name, rows['image'])
+    assert all(np.isnan(v) for k, v in rows['image'].items() if k not in counts), name
+    assert all(np.isfinite(v) for v in rows['text'].values()), name
+
+
 def test_finetuning_beats_the_linear_probe_on_random_features(setup):
   """At random initialisation frozen features are poor; training the encoders with the head
   on the train split learns the categories."""

@@ -100,10 +100,13 @@ def test_products_without_the_runs_modalities_are_left_out(config, caplog):
 
 def test_a_modality_no_product_has_is_warned_about(config, caplog):
   config.image.source = 'features'  # the fixture's products bring no image features
-  pipeline.usable_rows(config, 'train')
-  assert ("train split: no product has image in the form config.image.source='features' reads"
-          in caplog.text)
-  assert caplog.text.count('no product has') == 1
+  pipeline.usable_rows(config, 'train', training=True)
+  pipeline.usable_rows(config, 'test')
+  assert ("train split: no product has image in the form config.image.source='features' reads: "
+          'its encoder and losses learn nothing' in caplog.text)
+  assert ("test split: no product has image in the form config.image.source='features' reads: "
+          'evaluation rows that need it are n/a' in caplog.text)
+  assert caplog.text.count('no product has') == 2
 
 
 def test_mlm_replacements_come_from_the_tokenizer(config):

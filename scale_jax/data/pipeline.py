@@ -97,9 +97,10 @@ class Rows:
     return self.source[int(self.indices[index])]
 
 
-def usable_rows(config, split: str, complete: bool = False) -> np.ndarray:
+def usable_rows(config, split: str, complete: bool = False, training: bool = False) -> np.ndarray:
   """Indices of the split's products that carry at least one of the config's modalities (with
-  `complete`, all of them), in the form the config reads; the others are logged and left out."""
+  `complete`, all of them), in the form the config reads; the others are logged and left out.
+  A config modality no product has is logged too, as what it means for `training` or not."""
   stored = dict(zip(('present', 'features_present'), build.load_presence(config.data.dir, split)))
   names = modalities.active(config)
   columns = np.stack([stored[modalities.get(m).presence_field(config[m])]
@@ -116,8 +117,9 @@ def usable_rows(config, split: str, complete: bool = False) -> np.ndarray:
     if not column.any():  # e.g. source='features' on a catalogue that brought none
       form = (f' in the form config.{m}.source={config[m].source!r} reads'
               if 'source' in config[m] else '')
-      logging.warning('%s split: no product has %s%s: its encoder and losses learn nothing; '
-                      'leave it out of config.modalities', split, m, form)
+      meaning = ('its encoder and losses learn nothing; leave it out of config.modalities'
+                 if training else 'evaluation rows that need it are n/a')
+      logging.warning('%s split: no product has %s%s: %s', split, m, form, meaning)
   return np.flatnonzero(has)
 
 
@@ -234,7 +236,7 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1,
     raise ValueError(f'batch_size {config.batch_size} does not split over {process_count} '
                      'processes')
   local_batch = config.batch_size // process_count
-  rows = usable_rows(config, 'train', complete=config.data.complete_only)
+  rows = usable_rows(config, 'train', complete=config.data.complete_only, training=True)
   source = Rows(open_split(config.data.dir, 'train'), rows)
   cfg = _plain(config)
   decoded = DecodedSource(source, Preprocess(cfg), config.data.cache_mb << 20)

@@ -1,5 +1,7 @@
 """Category classification: a linear probe on frozen product features, and fine-tuning of the
 encoders with a classification head (the paper's two protocols)."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,6 +173,9 @@ class Evaluator(base.Evaluator):
     out = {}
     for combo, combination in zip(self.combination_names(), self.combinations):
       fit, held = train.has[combo], test.has[combo]
+      if not (fit.any() and held.any()):  # nothing to learn from or to test: undefined, not 0
+        out[combo] = {'accuracy': math.nan, 'products': int(held.sum())}
+        continue
       if self.method == 'probe':
         accuracy = linear_probe(train.features[combo][fit], train.labels[fit],
                                 test.features[combo][held], test.labels[held], self.steps,

@@ -1,4 +1,6 @@
 """Clustering of product features: k-means, and the NMI and purity of a clustering."""
+import math
+
 import numpy as np
 
 from scale_jax.evaluators import base
@@ -168,6 +170,9 @@ class Evaluator(base.Evaluator):
     out = {}
     for combo in self.combination_names():
       chosen = f.has[combo]
+      if not chosen.any():  # no product of the split has the combination: undefined, not 1 or 0
+        out[combo] = {'NMI': math.nan, 'purity': math.nan, 'products': 0}
+        continue
       labels = f.labels[chosen]
       k = len(np.unique(labels))
       pred = kmeans(f.features[combo][chosen], k, self.seed, self.iters, self.restarts)
