@@ -208,6 +208,14 @@ def test_raw_names_the_manifest_file_and_val_fraction_0_writes_no_validation_spl
     _build(tmp_path / 'raw' / 'none.jsonl', tmp_path / 'out')
 
 
+def test_a_catalogue_without_any_text_stops_before_anything_is_written(catalogue, tmp_path):
+  _edited(catalogue, tmp_path / 'raw', lambda r, i, root: dict(r, caption=None, tabular=None))
+  with pytest.raises(raw.RawDataError, match='no product has a caption or a table, so the '
+                                             'tokenizer has no text to learn from'):
+    _build(tmp_path / 'raw', tmp_path / 'out')
+  assert not os.path.exists(tmp_path / 'out')
+
+
 def test_a_catalogue_of_one_label_is_warned_about(catalogue, tmp_path, capsys):
   _edited(catalogue, tmp_path / 'raw', lambda r, i, root: dict(r, label='shoes'))
   build.main(['--raw', str(tmp_path / 'raw'), '--out', str(tmp_path / 'out'),

@@ -323,9 +323,12 @@ def build(raw_dir: str, out: str, vocab_size: int = 1000, test_fraction: float =
                            f'({problems.summary_and_first()})')
   products, categories, instances = dense_ids(products)
   splits = split_products(products, test_fraction, val_fraction)  # before anything is written
-  os.makedirs(out, exist_ok=True)
   texts = [p['caption'] for p in products if p['caption']]
   texts += [f'{k} {v}' for p in products for k, v in p['tabular']]
+  if not texts:
+    raise raw.RawDataError(f'{manifest}: no product has a caption or a table, so the tokenizer '
+                           f'has no text to learn from; give "caption" or "tabular" for some')
+  os.makedirs(out, exist_ok=True)
   tok = tokenizer.train_tokenizer(texts, tokenizer_path(out), vocab_size, progress)
   if os.path.exists(dataset_dir(out)):
     shutil.rmtree(dataset_dir(out))
