@@ -416,6 +416,25 @@ def test_audio_decodes_only_its_window_and_the_same_samples():
       decode()
 
 
+def test_features_files_npy_or_single_array_npz_of_real_numbers():
+  import io
+
+  def saved(save, *args, **kwargs):
+    buf = io.BytesIO()
+    save(buf, *args, **kwargs)
+    return buf.getvalue()
+
+  x = np.arange(12, dtype=np.float16).reshape(3, 4)
+  for data in (saved(np.save, x), saved(np.savez, x), saved(np.savez_compressed, feat=x)):
+    np.testing.assert_array_equal(media.decode_features(data), x.astype(np.float32))
+  two_arrays = saved(np.savez, bbox=np.ones(3), feat=x)
+  for data, reason in ((two_arrays, r'an .npz of 2 arrays \(bbox, feat\)'),
+                       (saved(np.save, x.astype(np.complex64)), 'real numbers, not complex64'),
+                       (b'{"features": [1, 2]}', r'not a .npy \(or .npz\) file')):
+    with pytest.raises(media.MediaError, match=reason):
+      media.decode_features(data)
+
+
 def test_log_mel_peaks_at_the_tone():
   rate = 16000
   t = np.arange(rate) / rate

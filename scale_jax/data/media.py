@@ -6,6 +6,7 @@ file name.
 import functools
 import io
 import wave as wave_file
+import zipfile
 
 import av
 import numpy as np
@@ -278,15 +279,25 @@ def decode_audio(data: bytes, sample_rate: int,
 
 
 def decode_features(data: bytes) -> np.ndarray:
-  """.npy bytes of a pre-extracted [tokens, dim] (or [dim]) array -> float32 [tokens, dim]."""
+  """.npy bytes of a pre-extracted [tokens, dim] (or [dim]) array of real numbers, or an .npz
+  holding one such array -> float32 [tokens, dim]."""
+  if not data.startswith((b'\x93NUMPY', b'PK\x03\x04')):
+    raise MediaError('cannot read features: not a .npy (or .npz) file')
   try:
     x = np.load(io.BytesIO(data), allow_pickle=False)
-  except (ValueError, OSError, EOFError) as e:
+    if isinstance(x, np.lib.npyio.NpzFile):
+      with x:
+        if len(x.files) != 1:
+          raise MediaError(f'an .npz of {len(x.files)} arrays ({", ".join(x.files[:8])}): '
+                           f'give one [tokens, dim] array per file')
+        x = x[x.files[0]]
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
     raise MediaError(f'cannot read features: {e}') from e
   if x.ndim == 1:
     x = x[None]
-  if x.ndim != 2 or not x.size or not np.issubdtype(x.dtype, np.number):
-    raise MediaError(f'features must be a non-empty numeric [tokens, dim] array, not '
+  real = np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
+  if x.ndim != 2 or not x.size or not real:
+    raise MediaError(f'features must be a non-empty [tokens, dim] array of real numbers, not '
                      f'{x.dtype} {list(x.shape)}')
   if not np.isfinite(x).all():
     raise MediaError('features hold NaN or Inf')
