@@ -1,6 +1,8 @@
 """The ablation study end to end at smoke-test size: two studies, one seed, a few steps."""
 import os
 
+import pytest
+
 from scale_jax.experiments import ablations
 
 
@@ -32,3 +34,21 @@ def test_ablations_write_tables_plots_and_readings(data_dir, tmp_path):
   assert results.read_text(encoding='utf-8').endswith(ablations.NOTES + '\nA note of the reader.\n')
   assert mtimes == {r: os.path.getmtime(tmp_path / 'ablations' / 'runs' / r / 'eval')
                     for r in runs}
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--only', 'pretraining,mme'], '--only: no study mme; the studies: '),
+    (['--seeds', '0'], '--seeds=0: at least 1'),
+    (['--noise-modality', 'colour'], "invalid choice: 'colour'"),
+])
+def test_a_wrong_argument_is_named_before_any_work(args, message, tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    ablations.main(['--out', str(tmp_path / 'nothing')] + args)
+  assert message in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / 'nothing')
+
+
+def test_a_catalogue_too_small_for_its_splits_says_what_to_change(tmp_path):
+  with pytest.raises(SystemExit, match=r"^error: split '\w+' would be empty: .*give more products"):
+    ablations.main(['--out', str(tmp_path / 'small'), '--num-products', '4', '--seeds', '1',
+                    '--only', 'pretraining', '--noise-modality', 'text'])

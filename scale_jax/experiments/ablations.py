@@ -36,6 +36,7 @@ import numpy as np
 import tqdm
 
 from scale_jax import run_config
+from scale_jax.data.raw import RawDataError
 
 # The metric each study reports per evaluator of configs/ablation.py.
 HEADLINE = (('coarse', 'mAP@1'), ('across', 'mAP@1'), ('fine', 'mAP@1'), ('probe', 'accuracy'),
@@ -175,6 +176,11 @@ def summarise(values) -> str:
   return f'{values.mean():.2f} ± {values.std():.2f}' if len(values) > 1 else f'{values[0]:.2f}'
 
 
+# --noise-modality: a modality's name or its manifest field -> the field.
+NOISE_FIELDS = {'text': 'caption', 'caption': 'caption', 'table': 'tabular', 'tabular': 'tabular',
+                'image': 'image', 'video': 'video', 'audio': 'audio'}
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default='ablations', help='runs, catalogues and plots')
@@ -183,18 +189,28 @@ def main(argv=None):
   parser.add_argument('--only', default='', help='comma-separated studies (default: all)')
   parser.add_argument('--data', default='', help='a built dataset (default: the generator\'s)')
   parser.add_argument('--noisy-data', default='', help='the same products, one modality noise')
-  parser.add_argument('--noise-modality', default='image',
-                      help='the modality the generator replaces by noise (manifest field)')
+  parser.add_argument('--noise-modality', default='image', choices=sorted(NOISE_FIELDS),
+                      help='the modality the generator replaces by noise (its name or its '
+                           'manifest field)')
   parser.add_argument('--num-products', type=int, default=3000)
   parser.add_argument('--data-seed', type=int, default=0)
   parser.add_argument('--results', default='docs/results.md')
   args = parser.parse_args(argv)
-  studies = {n: STUDIES[n] for n in (args.only.split(',') if args.only else STUDIES)}
+  chosen = args.only.split(',') if args.only else list(STUDIES)
+  if unknown := [n for n in chosen if n not in STUDIES]:
+    parser.error(f'--only: no study {", ".join(unknown)}; the studies: {", ".join(STUDIES)}')
+  if args.seeds < 1:
+    parser.error(f'--seeds={args.seeds}: at least 1')
+  studies = {n: STUDIES[n] for n in chosen}
   base = load_config(args.config)
+  args.noise_modality = NOISE_FIELDS[args.noise_modality]  # the generator takes the field
   noisy_name = {'caption': 'text', 'tabular': 'table'}.get(args.noise_modality,
                                                            args.noise_modality)
   start = time.time()
-  data = prepare_data(args)
+  try:
+    data = prepare_data(args)
+  except RawDataError as e:  # a catalogue too small for its splits, say: what to change
+    raise SystemExit(f'error: {e}') from None
 
   # Every (study, run, seed), and the unique trainings behind them.
   plan, unique = [], {}
