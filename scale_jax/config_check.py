@@ -43,6 +43,16 @@ def _joint_problems(config) -> list:
           f'--config.model.stop_gradient_weights=False), or --config.model.joint_layers=0']
 
 
+def _loss_problems(config, names) -> list:
+  """A run in which no loss is on would train nothing and still report success."""
+  if modalities.masked(config) or (len(names) > 1 and config.loss.contrastive > 0):
+    return []
+  objectives = [modalities.get(m).objective for m in names]
+  return [f'config.loss: no loss is on for config.modalities={tuple(names)} (contrastive needs '
+          f'two modalities and a coefficient above 0; the masked objectives '
+          f'{", ".join(objectives)} a coefficient and a mask_rate above 0): nothing would train']
+
+
 def _batch_problems(config, mesh) -> list:
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   problems = []
@@ -81,6 +91,12 @@ def check(config, mesh=None) -> None:
   for objective, coefficient in config.loss.items():
     if coefficient < 0:
       problems.append(f'config.loss.{objective}={coefficient} must be >= 0')
+  problems += _loss_problems(config, names)
+  for field in ('total_steps', 'log_every', 'checkpoint_every'):
+    if config[field] < 1:
+      problems.append(f'config.{field}={config[field]} must be at least 1 (the last step is '
+                      f'always logged and saved); e.g. --config.{field}='
+                      f'{ {"total_steps": 1000, "log_every": 50}.get(field, 1000) }')
   if mesh is not None:
     problems += _batch_problems(config, mesh)  # and the mesh's process layout
   if problems:

@@ -33,6 +33,8 @@ def patchify(x: np.ndarray, ph: int, pw: int) -> np.ndarray:
 
 def divides(c, name: str, part: str, whole: str) -> list:
   """A config problem if c[part] does not divide c[whole] (empty list if it does)."""
+  if c[whole] < 1:
+    return [f'config.{name}.{whole}={c[whole]} must be positive']
   if c[part] > 0 and c[whole] % c[part] == 0:
     return []
   fits = [d for d in range(1, c[whole] + 1) if c[whole] % d == 0 and d <= max(c[part], 1)]
@@ -160,9 +162,9 @@ class TokenModality(Modality):
 
   def check(self, c):
     problems = super().check(c)
-    if c['max_len'] < 2:
-      problems.append(f'config.{self.name}.max_len={c["max_len"]} leaves no room after [CLS]; '
-                      f'e.g. 16')
+    if c['max_len'] < 3:
+      problems.append(f'config.{self.name}.max_len={c["max_len"]} leaves no room for a token '
+                      f'between [CLS] and [SEP]; e.g. 16')
     if not 0 <= c.get('max_masked', 0) <= c['max_len']:
       problems.append(f'config.{self.name}.max_masked={c["max_masked"]} must be in [0, max_len='
                       f'{c["max_len"]}] (0: decode every position); e.g. '
