@@ -38,6 +38,23 @@ def _flag_value(argv, name):
   return None
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def raised_for_the_user(error: BaseException) -> bool:
+  """Whether the error was raised by a check of this package's own (a `raise ValueError(...)`
+  naming the field or file and what to do), not by a library or numpy deep in a stack: those
+  keep their traceback, which is what finding a bug needs."""
+  if not isinstance(error, (ValueError, OSError)):
+    return False
+  frame = error.__traceback__
+  if frame is None:
+    return False
+  while frame.tb_next is not None:
+    frame = frame.tb_next
+  return os.path.abspath(frame.tb_frame.f_code.co_filename).startswith(_PACKAGE + os.sep)
+
+
 def with_saved_config(argv):
   """argv, plus `--config=<run_config.py>:RUN` when it names no --config and RUN/config.json
   exists, so that the run's own config is loaded (and --config.x=y overrides apply to it)."""
@@ -81,8 +98,11 @@ def run(fn):
       jax.distributed.initialize(**args)
     try:
       fn(f.config, f.workdir)
-    except (FloatingPointError, config_check.ConfigError) as e:  # the message says it all
-      print(f'error: {e}', file=sys.stderr, flush=True)
+    except Exception as e:  # pylint: disable=broad-except
+      if not (isinstance(e, (FloatingPointError, config_check.ConfigError))
+              or raised_for_the_user(e)):
+        raise
+      print(f'error: {e}', file=sys.stderr, flush=True)  # the message says it all
       sys.exit(1)
 
   app.run(main, argv=with_saved_config(sys.argv))

@@ -389,3 +389,19 @@ def test_distributed_args_from_flags_or_environment():
       coordinator_address=None, num_processes=None, process_id=None)
   assert cli.distributed_args(False, 'localhost:1234', 2, 0) == dict(
       coordinator_address='localhost:1234', num_processes=2, process_id=0)
+
+
+def test_errors_of_our_own_checks_are_one_line_others_keep_their_traceback(raw_dir, tmp_path):
+  """`data.dir` at a raw catalogue: the command says what to run, without a traceback."""
+  run = subprocess.run(
+      [sys.executable, '-m', 'scale_jax.train', '--config', 'configs/tiny.py', '--workdir',
+       str(tmp_path / 'run'), f'--config.data.dir={raw_dir}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 1 and 'Traceback' not in run.stderr
+  assert (f'error: {raw_dir}: a raw catalogue, not a built dataset; build one with `python -m '
+          f'scale_jax.data.build --raw {raw_dir} --out DATA`') in run.stderr
+  with pytest.raises(FileNotFoundError) as ours:
+    pipeline.open_split(str(tmp_path), 'train')  # raised by our check
+  with pytest.raises(ValueError) as numpy_error:
+    np.zeros(3).reshape(2)  # a library's error: a bug to find, traceback kept
+  assert cli.raised_for_the_user(ours.value) and not cli.raised_for_the_user(numpy_error.value)

@@ -29,22 +29,32 @@ from scale_jax import modalities
 from scale_jax.data import build, media, tokenizer
 
 
+def _built(data_dir: str) -> str:
+  """The dataset directory of a build's output; FileNotFoundError saying what to run if
+  data_dir is not one (a raw catalogue, say)."""
+  path = build.dataset_dir(data_dir)
+  if not (epath.Path(path).is_dir() and epath.Path(build.tokenizer_path(data_dir)).exists()):
+    raw_here = epath.Path(data_dir, 'manifest.jsonl').exists()
+    raise FileNotFoundError(
+        f'{data_dir}: ' + ('a raw catalogue, not a built dataset' if raw_here else
+                           'no dataset built here') + '; build one with `python -m '
+        f'scale_jax.data.build --raw {data_dir if raw_here else "RAW_DIR"} --out DATA` and give '
+        f'--config.data.dir=DATA')
+  return path
+
+
 def open_split(data_dir: str, split: str):
   """Random-access source over one split of a dataset written by scale_jax.data.build."""
-  path = build.dataset_dir(data_dir)
-  if not epath.Path(path).is_dir():
-    raise FileNotFoundError(
-        f'{path}: no dataset here; build one with '
-        f'`python -m scale_jax.data.build --raw RAW_DIR --out {data_dir}`')
-  return tfds.builder_from_directory(path).as_data_source(split=split)
+  return tfds.builder_from_directory(_built(data_dir)).as_data_source(split=split)
 
 
 def splits(data_dir: str) -> tuple:
   """The splits a dataset has (the validation split is optional)."""
-  return tuple(tfds.builder_from_directory(build.dataset_dir(data_dir)).info.splits)
+  return tuple(tfds.builder_from_directory(_built(data_dir)).info.splits)
 
 
 def vocab_size(data_dir: str) -> int:
+  _built(data_dir)
   return tokenizer.load_tokenizer(build.tokenizer_path(data_dir)).vocab_size()
 
 
