@@ -15,8 +15,8 @@ import jax
 from absl import flags
 from etils import epath
 
-from scale_jax import cli, config_check, evaluators, sharding, state
-from scale_jax.data import pipeline
+from scale_jax import cli, config_check, evaluators, run_config, sharding, state
+from scale_jax.data import build, pipeline
 from scale_jax.evaluators import features
 
 _STEP = flags.DEFINE_integer('step', None, 'checkpoint step to evaluate (default: the latest)')
@@ -37,6 +37,7 @@ def evaluate(config, workdir, step=None, names=None, random_init=False, split='t
     hint = ' (rebuild it with --val-fraction 0.05 for one)' if split == 'validation' else ''
     raise config_check.ConfigError(f'--split={split}: {config.data.dir} has no such split, only '
                                    f'{", ".join(have)}{hint}')
+  run_config.check_tokenizer(workdir, build.tokenizer_path(config.data.dir))
   params, step = state.restore_params(config, workdir, mesh, step)
   model = state.build_model(config, mesh)
   extractor = features.FeatureExtractor(model, config, mesh)

@@ -1,5 +1,6 @@
 r"""A run remembers its config: `train` writes the resolved config to RUN/config.json at its start,
-and evaluation, the notebook and init_from read it from there.
+and evaluation, the notebook and init_from read it from there. It keeps its tokenizer too
+(RUN/tokenizer.model), so that a resume or an evaluation on a rebuilt dataset is refused.
 
     python -m scale_jax.evaluate --workdir RUN            # the run's own config
     python -m scale_jax.evaluate --workdir RUN --config.eval.batch_size=64
@@ -14,6 +15,7 @@ import ml_collections
 from etils import epath
 
 FILENAME = 'config.json'
+TOKENIZER = 'tokenizer.model'  # a copy of the one the run started with
 
 
 def path(workdir: str) -> epath.Path:
@@ -23,6 +25,26 @@ def path(workdir: str) -> epath.Path:
 def save(config, workdir: str) -> None:
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   path(workdir).write_text(config.to_json(indent=1, sort_keys=True) + '\n')
+
+
+def save_tokenizer(workdir: str, tokenizer_path: str) -> None:
+  """Keeps a copy of the tokenizer a run starts with (RUN/tokenizer.model): its token ids mean
+  that tokenizer's word pieces, and no other."""
+  kept = epath.Path(workdir) / TOKENIZER
+  if not kept.exists():
+    kept.write_bytes(epath.Path(tokenizer_path).read_bytes())
+
+
+def check_tokenizer(workdir: str, tokenizer_path: str) -> None:
+  """Raises ValueError if the run kept a tokenizer and `tokenizer_path` is another one (the
+  dataset was rebuilt from other products, or config.data.dir names another dataset)."""
+  kept = epath.Path(workdir) / TOKENIZER
+  if kept.exists() and kept.read_bytes() != epath.Path(tokenizer_path).read_bytes():
+    raise ValueError(
+        f'{tokenizer_path} is not the tokenizer {workdir} was trained with ({kept}): the run\'s '
+        f'token ids would be read as other word pieces. Give --config.data.dir the dataset the '
+        f'run was trained on (a rebuild of the same raw catalogue gives the same tokenizer), or '
+        f'start a new run')
 
 
 def with_overrides(config, overrides: dict) -> ml_collections.ConfigDict:

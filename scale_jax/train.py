@@ -40,7 +40,7 @@ from jax.experimental import multihost_utils
 
 from scale_jax import (cli, config_check, evaluators, losses, modalities, model_info, run_config,
                        sharding, state as run_state)
-from scale_jax.data import pipeline
+from scale_jax.data import build, pipeline
 from scale_jax.evaluators import features
 
 # ------------------------------------------------------------------------------------------------
@@ -385,7 +385,9 @@ def train(config, workdir):
   # restored straight onto this mesh's shardings, never initialised first. The run's config is
   # written to RUN/config.json once the checkpoint is known to fit it.
   manager = run_state.checkpoint_manager(workdir, config)
+  tokenizer_path = build.tokenizer_path(config.data.dir)
   if manager.latest_step() is not None:
+    run_config.check_tokenizer(workdir, tokenizer_path)
     run_state.check_checkpoint_matches(workdir, manager.latest_step(),
                                        setup.abstract_state.params, config)
     if run_config.path(workdir).exists():
@@ -421,6 +423,7 @@ def train(config, workdir):
       log(f'starting from scratch (seed {config.seed})')
   if jax.process_index() == 0:
     run_config.save(config, workdir)
+    run_config.save_tokenizer(workdir, tokenizer_path)
 
   # ----------------------------------------------------------------------------------------------
   # Input pipeline: this process's share of every global batch from the state's step on,

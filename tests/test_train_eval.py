@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -104,6 +105,28 @@ def test_evaluating_a_split_the_dataset_lacks_says_which_it_has(trained):
   with pytest.raises(config_check.ConfigError, match=f'^--split=val: {config.data.dir} has no '
                                                       'such split, only train, validation, test$'):
     evaluate.evaluate(config, workdir, split='val')
+
+
+def test_a_dataset_with_another_tokenizer_is_refused(trained, tmp_path):
+  """A rebuild from other products (here: a tokenizer trained on other text) would give the
+  run's token ids other meanings: resuming and evaluating on it are refused."""
+  from scale_jax.data import build, tokenizer
+  config, workdir, _ = trained
+  kept = os.path.join(workdir, run_config.TOKENIZER)
+  with open(kept, 'rb') as a, open(build.tokenizer_path(config.data.dir), 'rb') as b:
+    assert a.read() == b.read()
+  other = tmp_path / 'data'
+  shutil.copytree(config.data.dir, other)
+  tokenizer.train_tokenizer([f'other words {i} in another catalogue' for i in range(200)],
+                            build.tokenizer_path(str(other)), 300)
+  config = copy.deepcopy(config)
+  config.data.dir = str(other)
+  message = f'{build.tokenizer_path(str(other))} is not the tokenizer {workdir} was trained with'
+  with pytest.raises(ValueError, match=message):
+    evaluate.evaluate(config, workdir)
+  config.total_steps = 6
+  with pytest.raises(ValueError, match=message):
+    train(config, workdir)
 
 
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'notebooks',
