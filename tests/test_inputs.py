@@ -98,6 +98,14 @@ def test_products_without_the_runs_modalities_are_left_out(config, caplog):
   assert 'no product has' not in caplog.text
 
 
+def test_a_batch_larger_than_the_train_split_is_refused(config):
+  products = len(pipeline.usable_rows(config, 'train'))
+  config.batch_size = 4 * (products // 4 + 1)
+  with pytest.raises(ValueError, match=f'config.batch_size={config.batch_size} is more than the '
+                                       f'{products} train products'):
+    pipeline.train_dataset(config)
+
+
 def test_a_modality_no_product_has_is_warned_about(config, caplog):
   config.image.source = 'features'  # the fixture's products bring no image features
   pipeline.usable_rows(config, 'train', training=True)

@@ -121,8 +121,9 @@ def usable_rows(config, split: str, complete: bool = False, training: bool = Fal
                     int((~has).sum()), len(has), 'not all' if complete else 'none',
                     ', '.join(names))
   if not has.any():
-    raise ValueError(f'{config.data.dir}: no {split} product has any of config.modalities='
-                     f'{names}')
+    raise ValueError(f'{config.data.dir}: no {split} product has '
+                     + (f'all of config.modalities={names} (config.data.complete_only=True)'
+                        if complete else f'any of config.modalities={names}'))
   for m, column in zip(names, columns.T):
     if not column.any():  # e.g. source='features' on a catalogue that brought none
       form = (f' in the form config.{m}.source={config[m].source!r} reads'
@@ -247,6 +248,11 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1,
                      'processes')
   local_batch = config.batch_size // process_count
   rows = usable_rows(config, 'train', complete=config.data.complete_only, training=True)
+  if config.batch_size > len(rows):
+    raise ValueError(
+        f'config.batch_size={config.batch_size} is more than the {len(rows)} train products of '
+        f'{config.data.dir}: every batch would hold copies of a product, which the contrastive '
+        f'losses take for negatives of each other; give a batch_size of at most {len(rows)}')
   source = Rows(open_split(config.data.dir, 'train'), rows)
   cfg = _plain(config)
   decoded = DecodedSource(source, Preprocess(cfg), config.data.cache_mb << 20)
