@@ -114,6 +114,30 @@ def test_a_combination_no_product_has_is_undefined_not_scored(setup):
     assert all(np.isfinite(v) for v in rows['text'].values()), name
 
 
+def test_unseen_categories_and_a_product_per_cluster_are_warned_about(setup, caplog):
+  config = setup[0]
+  split = {s: _extract(setup, s) for s in ('test', 'train')}
+  test, train = split['test'], split['train']
+  gone = test.labels[test.has['text']][0]
+  train.has['text'] = train.has['text'] & (train.labels != gone)  # no train product of it
+  one_each = [np.flatnonzero(test.has['image'] & (test.labels == c))[0]
+              for c in np.unique(test.labels[test.has['image']])[:3]]
+  test.has['image'] = np.isin(np.arange(len(test.labels)), one_each)
+
+  class Context:
+    def features(self, which=None):
+      return split[which or 'test']
+
+  chosen = evaluators.from_config(config, ['probe', 'clustering'])
+  for e in chosen.values():
+    e(Context())
+  unseen = int(np.sum(test.has['text'] & (test.labels == gone)))
+  assert (f'probe, text: {unseen} of {test.has["text"].sum()} test products are of a category no '
+          'train product of the combination has' in caplog.text)
+  assert 'clustering, image: k-means with k = 3 categories for 3 products' in caplog.text
+  assert 'clustering, text:' not in caplog.text
+
+
 def test_finetuning_beats_the_linear_probe_on_random_features(setup):
   """At random initialisation frozen features are poor; training the encoders with the head
   on the train split learns the categories."""

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
+from absl import logging
 from flax import linen as nn
 
 from scale_jax import modalities
@@ -176,6 +177,11 @@ class Evaluator(base.Evaluator):
       if not (fit.any() and held.any()):  # nothing to learn from or to test: undefined, not 0
         out[combo] = {'accuracy': math.nan, 'products': int(held.sum())}
         continue
+      unseen = int(np.sum(~np.isin(test.labels[held], train.labels[fit])))
+      if unseen:  # a long tail, or a split by instance, leaves some categories out of train
+        logging.warning('%s, %s: %d of %d test products are of a category no train product of '
+                        'the combination has; they count as wrong (accuracy at most %.1f%%)',
+                        self.name, combo, unseen, held.sum(), 100 * (1 - unseen / held.sum()))
       if self.method == 'probe':
         accuracy = linear_probe(train.features[combo][fit], train.labels[fit],
                                 test.features[combo][held], test.labels[held], self.steps,

@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+from absl import logging
 
 from scale_jax.evaluators import base
 
@@ -175,6 +176,10 @@ class Evaluator(base.Evaluator):
         continue
       labels = f.labels[chosen]
       k = len(np.unique(labels))
+      if k > chosen.sum() / 2:  # about a product per cluster: NMI and purity near 1 regardless
+        logging.warning('%s, %s: k-means with k = %d categories for %d products: NMI and purity '
+                        'are high for any features; a catalogue with more products per category '
+                        'tells models apart', self.name, combo, k, chosen.sum())
       pred = kmeans(f.features[combo][chosen], k, self.seed, self.iters, self.restarts)
       out[combo] = {'NMI': nmi(labels, pred), 'purity': purity(labels, pred),
                     'products': int(chosen.sum())}
