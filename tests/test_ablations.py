@@ -22,6 +22,9 @@ def test_ablations_write_tables_plots_and_readings(data_dir, tmp_path):
           in text)
   assert text.count('Reading:') == 2 and '4 steps x batch 8' in text
   assert '- probe accuracy: whole-entity MEM' in text
+  # One seed has no spread: no claim is called held or reversed on it.
+  assert 'not judged (one seed has no spread' in text
+  assert '): held' not in text and '): reversed' not in text
   for png in ('pretraining.png', 'mem.png', 'losses.png'):
     assert os.path.getsize(tmp_path / 'docs' / 'results' / png) > 1000
   # SCALE with all five at seed 0 is both studies' reference: trained once.

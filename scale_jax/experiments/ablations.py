@@ -121,12 +121,15 @@ def run(config, workdir, random_init) -> dict:
   return evaluate.evaluate(config, workdir, random_init=random_init)
 
 
-def prepare_data(args) -> dict:
-  """{'clean': DIR, 'noisy': DIR}: given, or generated and built under OUT."""
+def prepare_data(args, kinds=('clean', 'noisy')) -> dict:
+  """{kind: DIR} for the kinds the studies need ('clean', 'noisy'): given, or generated and
+  built under OUT."""
   from scale_jax.data import build, synthetic  # pylint: disable=g-import-not-at-top
   dirs = {}
   for kind, given, noise in (('clean', args.data, None), ('noisy', args.noisy_data,
                                                           args.noise_modality)):
+    if kind not in kinds:
+      continue
     if given:
       dirs[kind] = given
       continue
@@ -208,7 +211,7 @@ def main(argv=None):
                                                            args.noise_modality)
   start = time.time()
   try:
-    data = prepare_data(args)
+    data = prepare_data(args, {'noisy' if study.noisy else 'clean' for study in studies.values()})
   except RawDataError as e:  # a catalogue too small for its splits, say: what to change
     raise SystemExit(f'error: {e}') from None
 
@@ -306,8 +309,11 @@ def _reading(rows, metrics, ladder=False) -> str:
     for m in metrics:
       a, b = np.asarray(rows[first][m]) * 100, np.asarray(rows[other][m]) * 100
       diff, spread = a.mean() - b.mean(), a.std() + b.std()
-      verdict = ('held' if diff > spread else 'reversed' if diff < -spread
-                 else 'not shown (within the spread over seeds)')
+      if min(len(a), len(b)) < 2:
+        verdict = 'not judged (one seed has no spread to judge by; run --seeds 2 or more)'
+      else:
+        verdict = ('held' if diff > spread else 'reversed' if diff < -spread
+                   else 'not shown (within the spread over seeds)')
       out.append(f'- {m}: {first} {a.mean():.2f} vs {other} {b.mean():.2f} ({diff:+.2f}): '
                  f'{verdict}')
   return '\n'.join(['Reading:', ''] + out) if out else ''
