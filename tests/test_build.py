@@ -216,6 +216,14 @@ def test_a_catalogue_without_any_text_stops_before_anything_is_written(catalogue
   assert not os.path.exists(tmp_path / 'out')
 
 
+def test_a_vocabulary_too_small_for_the_text_names_a_size_that_works(catalogue, tmp_path):
+  with pytest.raises(raw.RawDataError, match=r'--vocab-size 40: sentencepiece cannot train the '
+                                             r'tokenizer .*; e.g. --vocab-size (\d+)$') as error:
+    build.build(str(catalogue), str(tmp_path / 'out'), vocab_size=40, progress=False)
+  works = int(str(error.value).rsplit(' ', 1)[1])
+  build.build(str(catalogue), str(tmp_path / 'out'), vocab_size=works, progress=False)
+
+
 def test_a_catalogue_of_one_label_is_warned_about(catalogue, tmp_path, capsys):
   _edited(catalogue, tmp_path / 'raw', lambda r, i, root: dict(r, label='shoes'))
   build.main(['--raw', str(tmp_path / 'raw'), '--out', str(tmp_path / 'out'),

@@ -329,7 +329,15 @@ def build(raw_dir: str, out: str, vocab_size: int = 1000, test_fraction: float =
     raise raw.RawDataError(f'{manifest}: no product has a caption or a table, so the tokenizer '
                            f'has no text to learn from; give "caption" or "tabular" for some')
   os.makedirs(out, exist_ok=True)
-  tok = tokenizer.train_tokenizer(texts, tokenizer_path(out), vocab_size, progress)
+  try:
+    tok = tokenizer.train_tokenizer(texts, tokenizer_path(out), vocab_size, progress)
+  except RuntimeError as e:  # sentencepiece's checks, e.g. fewer pieces than characters
+    needed = re.search(r'(\d+) vs (\d+)', str(e))
+    hint = f'; e.g. --vocab-size {int(needed[2]) + 64}' if needed else ''
+    reason = str(e).split('] ')[-1].split(' Increase vocab_size')[0]  # its own flags: not ours
+    raise raw.RawDataError(f'--vocab-size {vocab_size}: sentencepiece cannot train the tokenizer '
+                           f'on these captions and tables ({reason}){hint}'
+                           ) from None
   if os.path.exists(dataset_dir(out)):
     shutil.rmtree(dataset_dir(out))
   for stale in (presence_path(out), categories_path(out)):  # never beside another dataset
