@@ -302,6 +302,9 @@ def test_features_mode(raw_dir, tmp_path):
                                        'config.image.feature_dim is 16'):
     for i in range(len(source)):
       pipeline.Preprocess(pipeline._plain(config)).map(source[i])
+  with pytest.raises(ValueError, match='image features have 24 values per token but '
+                                       'config.image.feature_dim is 16'):
+    pipeline.train_dataset(config)  # found when the dataset is made, before anything is read
 
 
 def test_frame_conversion_matches_ffmpeg():

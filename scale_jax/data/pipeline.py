@@ -218,6 +218,22 @@ def _plain(config) -> dict:
           **{m: dict(config[m]) for m in names}}
 
 
+def check_feature_sizes(config, split: str, rows: np.ndarray) -> None:
+  """Decodes one product's features per features-mode modality, so that a wrong
+  config.{m}.feature_dim stops the run here, naming the field, not in a Grain worker after
+  compiling: the build gives every product's features of a modality one size."""
+  _, features_present = build.load_presence(config.data.dir, split)
+  source, cfg = None, _plain(config)
+  for m in modalities.active(config):
+    spec = modalities.get(m)
+    if not spec.reads_features(cfg[m]):
+      continue
+    having = rows[features_present[rows, modalities.MODALITIES.index(m)]]
+    if len(having):
+      source = source or open_split(config.data.dir, split)
+      spec.preprocess(source[int(having[0])], True, cfg[m])  # raises for another size
+
+
 def _read_options(config, batch_size):
   """Threads and read-ahead; config.data.prefetch counts examples, Grain's buffer elements."""
   threads = config.data.read_threads
@@ -253,6 +269,7 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1,
         f'config.batch_size={config.batch_size} is more than the {len(rows)} train products of '
         f'{config.data.dir}: every batch would hold copies of a product, which the contrastive '
         f'losses take for negatives of each other; give a batch_size of at most {len(rows)}')
+  check_feature_sizes(config, 'train', rows)
   source = Rows(open_split(config.data.dir, 'train'), rows)
   cfg = _plain(config)
   decoded = DecodedSource(source, Preprocess(cfg), config.data.cache_mb << 20)
