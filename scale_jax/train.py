@@ -438,6 +438,8 @@ def train(config, workdir):
 
   first_step = int(state.step)
   if first_step >= config.total_steps:
+    log(f'nothing to train: {workdir} is at step {first_step} and config.total_steps is '
+        f'{config.total_steps}; raise it to train on')
     manager.close()
     return state
 
