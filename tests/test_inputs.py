@@ -150,6 +150,8 @@ BAD_CONFIGS = {
     'table unit': (lambda c: c.table.update(mask_unit='word'), "config.table.mask_unit='word'"),
     'max masked': (lambda c: c.text.update(max_masked=13),
                    'config.text.max_masked=13 must be in [0, max_len=12]'),
+    'empty mel bands': (lambda c: c.audio.update(n_fft=256, hop=128, n_mels=256, patch_freq=8),
+                        'config.audio.n_mels=256 with n_fft=256: 75 mel bands hold no FFT bin'),
     'empty caption': (lambda c: c.text.update(max_len=2),
                       'config.text.max_len=2 leaves no room for a token between [CLS] and [SEP]'),
     'no image': (lambda c: c.image.update(size=0), 'config.image.size=0 must be positive'),

@@ -304,7 +304,7 @@ def decode_features(data: bytes) -> np.ndarray:
   return x.astype(np.float32)
 
 
-def _mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
   """Triangular filters on the HTK mel scale, [n_fft // 2 + 1, n_mels]."""
   def hz_to_mel(f):
     return 2595.0 * np.log10(1.0 + f / 700.0)
@@ -326,7 +326,7 @@ def _log_mel_constants(sample_rate: int, n_fft: int, n_mels: int):
   matrix: each FFT bin feeds at most two triangles."""
   window = scipy.signal.get_window('hann', n_fft)
   window.flags.writeable = False
-  filters = _mel_filterbank(sample_rate, n_fft, n_mels).T.astype(np.float64)
+  filters = mel_filterbank(sample_rate, n_fft, n_mels).T.astype(np.float64)
   return window, scipy.sparse.csr_array(filters)
 
 

@@ -62,6 +62,15 @@ class Audio(PatchModality):
               f'window of config.audio.n_fft={c["n_fft"]}; e.g. --config.audio.seconds='
               f'{max(1.0, np.ceil(seconds * 10) / 10)}']
     problems = divides(c, 'audio', 'patch_freq', 'n_mels')
+    from scale_jax.data import media  # pylint: disable=g-import-not-at-top
+
+    def empty(n_mels):  # bands too narrow to hold an FFT bin: always 0, log(1e-6) after the log
+      return int((media.mel_filterbank(c['sample_rate'], c['n_fft'], n_mels).max(0) == 0).sum())
+    if c['n_mels'] > 0 and empty(c['n_mels']):
+      fits = max(n for n in range(1, c['n_mels']) if not empty(n))
+      problems.append(f'config.audio.n_mels={c["n_mels"]} with n_fft={c["n_fft"]}: '
+                      f'{empty(c["n_mels"])} mel bands hold no FFT bin (inputs that are always '
+                      f'the same); e.g. --config.audio.n_mels={fits} or a larger n_fft')
     if spectrogram_frames(c) < c['patch_time']:
       problems.append(f'config.audio.patch_time={c["patch_time"]} is longer than the '
                       f'{spectrogram_frames(c)} spectrogram frames of {c["seconds"]} s; e.g. '
