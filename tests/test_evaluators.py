@@ -43,6 +43,9 @@ def test_combinations_follow_the_runs_modalities(setup):
       'text', 'image', 'text+image']  # 'all' is now text+image: no duplicate row
   with pytest.raises(ValueError, match="'txt'"):
     features.combinations(config, ['txt+image'])
+  with pytest.raises(ValueError, match=r"none of the combinations \('text\+audio', 'audio'\) "
+                                       r"can be formed from config.modalities=\('text', 'image'\)"):
+    features.combinations(config, ['text+audio', 'audio'])
 
 
 def test_features_of_each_protocol(setup):

@@ -49,6 +49,10 @@ def combinations(config, requested=None) -> list:
     combination = tuple(m for m in modalities.MODALITIES if m in chosen)
     if chosen <= set(active) and combination not in out:
       out.append(combination)
+  if not out:  # an empty table and a run that reports nothing
+    raise ValueError(f'none of the combinations {tuple(requested or config.eval.combinations)} '
+                     f'can be formed from config.modalities={active}; e.g. '
+                     f'--config.eval.combinations="(\'all\',)"')
   return out
 
 
