@@ -424,6 +424,10 @@ def train(config, workdir):
   if jax.process_index() == 0:
     run_config.save(config, workdir)
     run_config.save_tokenizer(workdir, tokenizer_path)
+  if config.optimizer.warmup_steps >= config.total_steps:
+    log(f'warning: config.optimizer.warmup_steps={config.optimizer.warmup_steps} is not below '
+        f'config.total_steps={config.total_steps}: the learning rate never reaches '
+        f'config.optimizer.lr={config.optimizer.lr}')
 
   # ----------------------------------------------------------------------------------------------
   # Input pipeline: this process's share of every global batch from the state's step on,

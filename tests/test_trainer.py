@@ -230,10 +230,12 @@ def test_resume_takes_precedence_over_init_from(reference, data_dir, tmp_path, c
   shutil.copytree(source, workdir)
   config = tiny_config(data_dir, seed=1)
   config.init_from.update(workdir=str(tmp_path / 'does-not-exist'))
+  config.optimizer.warmup_steps = 12  # (the schedule is not stored: the checkpoint still fits)
   state = trainer.train(config, workdir)  # already at total_steps: restores, runs nothing
   out = capsys.readouterr().out
   assert 'resumed from step 12' in out
   assert f'nothing to train: {workdir} is at step 12 and config.total_steps is 12' in out
+  assert 'warning: config.optimizer.warmup_steps=12 is not below config.total_steps=12' in out
   for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
