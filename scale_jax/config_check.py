@@ -92,11 +92,10 @@ def check(config, mesh=None) -> None:
     if coefficient < 0:
       problems.append(f'config.loss.{objective}={coefficient} must be >= 0')
   problems += _loss_problems(config, names)
-  for field in ('total_steps', 'log_every', 'checkpoint_every'):
+  for field, example in (('log_every', 50), ('checkpoint_every', 1000)):
     if config[field] < 1:
       problems.append(f'config.{field}={config[field]} must be at least 1 (the last step is '
-                      f'always logged and saved); e.g. --config.{field}='
-                      f'{ {"total_steps": 1000, "log_every": 50}.get(field, 1000) }')
+                      f'always logged and saved); e.g. --config.{field}={example}')
   if mesh is not None:
     problems += _batch_problems(config, mesh)  # and the mesh's process layout
   if problems:

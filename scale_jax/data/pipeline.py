@@ -29,15 +29,14 @@ from scale_jax import modalities
 from scale_jax.data import build, media, tokenizer
 
 
-def _built(data_dir: str) -> str:
-  """The dataset directory of a build's output; FileNotFoundError saying what to run if
-  data_dir is not one (a raw catalogue, say)."""
-  path = build.dataset_dir(data_dir)
-  if not (epath.Path(path).is_dir() and epath.Path(build.tokenizer_path(data_dir)).exists()):
+def _built(data_dir: str, path: str) -> str:
+  """`path`, a file or folder a build writes into data_dir; FileNotFoundError saying what to
+  run if it is not there (data_dir a raw catalogue, say)."""
+  if not epath.Path(path).exists():
     raw_here = epath.Path(data_dir, 'manifest.jsonl').exists()
     raise FileNotFoundError(
         f'{data_dir}: ' + ('a raw catalogue, not a built dataset' if raw_here else
-                           'no dataset built here') + '; build one with `python -m '
+                           f'no dataset built here (no {path})') + '; build one with `python -m '
         f'scale_jax.data.build --raw {data_dir if raw_here else "RAW_DIR"} --out DATA` and give '
         f'--config.data.dir=DATA')
   return path
@@ -45,17 +44,19 @@ def _built(data_dir: str) -> str:
 
 def open_split(data_dir: str, split: str):
   """Random-access source over one split of a dataset written by scale_jax.data.build."""
-  return tfds.builder_from_directory(_built(data_dir)).as_data_source(split=split)
+  dataset = _built(data_dir, build.dataset_dir(data_dir))
+  return tfds.builder_from_directory(dataset).as_data_source(split=split)
 
 
 def splits(data_dir: str) -> tuple:
   """The splits a dataset has (the validation split is optional)."""
-  return tuple(tfds.builder_from_directory(_built(data_dir)).info.splits)
+  dataset = _built(data_dir, build.dataset_dir(data_dir))
+  return tuple(tfds.builder_from_directory(dataset).info.splits)
 
 
 def vocab_size(data_dir: str) -> int:
-  _built(data_dir)
-  return tokenizer.load_tokenizer(build.tokenizer_path(data_dir)).vocab_size()
+  path = _built(data_dir, build.tokenizer_path(data_dir))
+  return tokenizer.load_tokenizer(path).vocab_size()
 
 
 def _item_id(ex) -> str:
