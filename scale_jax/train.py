@@ -424,7 +424,7 @@ def train(config, workdir):
   if jax.process_index() == 0:
     run_config.save(config, workdir)
     run_config.save_tokenizer(workdir, tokenizer_path)
-  if config.optimizer.warmup_steps >= config.total_steps:
+  if 0 < config.total_steps <= config.optimizer.warmup_steps:
     log(f'warning: config.optimizer.warmup_steps={config.optimizer.warmup_steps} is not below '
         f'config.total_steps={config.total_steps}: the learning rate never reaches '
         f'config.optimizer.lr={config.optimizer.lr}')

@@ -74,7 +74,8 @@ def flat(results: dict, prefix: str = 'eval') -> dict:
 
 def tables(results_by_model: dict, evaluators: dict) -> str:
   """Paper-style Markdown tables, one per evaluator: a row per (combination, model), metrics in
-  % (counts as they are; n/a for an undefined one). results_by_model: {'pretrained (step N)': results, 'random init': ...}."""
+  % (counts as they are; n/a for an undefined one). results_by_model: {'pretrained (step N)':
+  results, 'random init': ...}."""
   out = []
   for name, e in evaluators.items():
     rows = [(combo, model, metrics) for combo in e.combination_names()

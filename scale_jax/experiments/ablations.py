@@ -135,6 +135,9 @@ def prepare_data(args, kinds=('clean', 'noisy')) -> dict:
       continue
     root = os.path.join(args.out, f'{kind}_catalogue')
     data = os.path.join(root, 'data')
+    if kind == 'noisy' and args.data:  # the studies would compare different catalogues
+      print(f'note: --data is given but --noisy-data is not: the studies on noisy data train on '
+            f'the synthetic catalogue in {root}', flush=True)
     if not os.path.exists(build.report_path(data)):
       synthetic.write_catalogue(os.path.join(root, 'raw'), args.num_products, args.data_seed,
                                 noise_modality=noise)
