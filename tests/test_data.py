@@ -358,6 +358,27 @@ def test_images_are_read_as_the_shop_shows_them():
                              media.decode_image(_encoded(eight_bit, 'PNG'), 4), atol=1 / 255)
 
 
+def test_a_large_jpeg_decodes_at_a_reduced_scale_to_the_same_pixels():
+  """The DCT-scaled decode (draft) against the whole decode, resized alike: a photo-like image
+  (smooth shapes and sensor noise), 800 px, at the paper's 192 and the demo's 32."""
+  import io
+
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  x = np.linspace(0, 1, 800)
+  smooth = np.stack([np.sin(8 * x)[None] * np.cos(5 * x)[:, None], np.outer(x, x),
+                     np.sin(20 * np.outer(x, 1 - x))], -1) * 127 + 128
+  photo = np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
+  data = _encoded(Image.fromarray(photo), 'JPEG', quality=90)
+  for size in (192, 32):
+    opened = Image.open(io.BytesIO(data))
+    opened.draft(None, (2 * size, 2 * size))
+    assert opened.size[0] < 800  # the reduced decode is what is measured here
+    whole = Image.open(io.BytesIO(data)).convert('RGB').resize((size, size), Image.BILINEAR)
+    diff = np.abs(media.decode_image(data, size) - np.asarray(whole, np.float32) / 255)
+    assert diff.mean() < 1 / 255 and diff.max() <= 4 / 255, (size, diff.mean(), diff.max())
+
+
 def test_videos_are_turned_by_their_display_matrix():
   import io
 
