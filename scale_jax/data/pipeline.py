@@ -231,7 +231,8 @@ def check_feature_sizes(config, split: str, rows: np.ndarray) -> None:
       continue
     having = rows[features_present[rows, modalities.MODALITIES.index(m)]]
     if len(having):
-      source = source or open_split(config.data.dir, split)
+      if source is None:
+        source = open_split(config.data.dir, split)
       spec.preprocess(source[int(having[0])], True, cfg[m])  # raises for another size
 
 

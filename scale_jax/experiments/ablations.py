@@ -35,7 +35,7 @@ import time
 import numpy as np
 import tqdm
 
-from scale_jax import run_config
+from scale_jax import modalities, run_config
 from scale_jax.data.raw import RawDataError
 
 # The metric each study reports per evaluator of configs/ablation.py.
@@ -182,9 +182,8 @@ def summarise(values) -> str:
   return f'{values.mean():.2f} ± {values.std():.2f}' if len(values) > 1 else f'{values[0]:.2f}'
 
 
-# --noise-modality: a modality's name or its manifest field -> the field.
-NOISE_FIELDS = {'text': 'caption', 'caption': 'caption', 'table': 'tabular', 'tabular': 'tabular',
-                'image': 'image', 'video': 'video', 'audio': 'audio'}
+# --noise-modality: a modality's name or its manifest field (the generator's word) -> the modality.
+NOISE_CHOICES = {name: m for m in modalities.MODALITIES for name in (m, modalities.get(m).field)}
 
 
 def main(argv=None):
@@ -195,7 +194,7 @@ def main(argv=None):
   parser.add_argument('--only', default='', help='comma-separated studies (default: all)')
   parser.add_argument('--data', default='', help='a built dataset (default: the generator\'s)')
   parser.add_argument('--noisy-data', default='', help='the same products, one modality noise')
-  parser.add_argument('--noise-modality', default='image', choices=sorted(NOISE_FIELDS),
+  parser.add_argument('--noise-modality', default='image', choices=sorted(NOISE_CHOICES),
                       help='the modality the generator replaces by noise (its name or its '
                            'manifest field)')
   parser.add_argument('--num-products', type=int, default=3000)
@@ -209,9 +208,8 @@ def main(argv=None):
     parser.error(f'--seeds={args.seeds}: at least 1')
   studies = {n: STUDIES[n] for n in chosen}
   base = load_config(args.config)
-  args.noise_modality = NOISE_FIELDS[args.noise_modality]  # the generator takes the field
-  noisy_name = {'caption': 'text', 'tabular': 'table'}.get(args.noise_modality,
-                                                           args.noise_modality)
+  noisy_name = NOISE_CHOICES[args.noise_modality]
+  args.noise_modality = modalities.get(noisy_name).field  # the generator takes the field
   start = time.time()
   try:
     data = prepare_data(args, {'noisy' if study.noisy else 'clean' for study in studies.values()})
