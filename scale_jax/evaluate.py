@@ -9,8 +9,6 @@ row per modality combination of config.eval.combinations; --random-init adds the
 random initialisation as a baseline row. Writes RUN/eval/step_N.json and RUN/eval/step_N.md (the
 tables) and prints the tables.
 """
-import json
-
 import jax
 from absl import flags
 from etils import epath
@@ -51,7 +49,7 @@ def evaluate(config, workdir, step=None, names=None, random_init=False, split='t
   if jax.process_index() == 0:  # RUN may be local or gs://
     out = epath.Path(workdir) / 'eval'
     out.mkdir(parents=True, exist_ok=True)
-    (out / f'step_{step}.json').write_text(json.dumps(results, indent=1))
+    (out / f'step_{step}.json').write_text(evaluators.to_json(results, indent=1))
     (out / f'step_{step}.md').write_text(report(results, chosen, split, config))
   return results
 

@@ -19,7 +19,6 @@ metric; the state is never updated with it and never saved. Writes RUN/metrics.j
 events under RUN/tensorboard, and a progress bar on the console. docs/training.md has the details.
 """
 import functools
-import json
 import os
 import pathlib
 import shutil
@@ -317,7 +316,7 @@ class MetricsWriter:
   def write(self, step, metrics):
     if not self.active:
       return
-    self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
+    self.jsonl.write(evaluators.to_json({'step': step, **metrics}) + '\n')
     self.jsonl.flush()
     for k, v in metrics.items():
       self.tb.add_scalar(k, v, step)

@@ -1,5 +1,6 @@
 """Evaluators by name over modality combinations: the features of each protocol, the rows and
 tables they report, and fine-tuning against the linear probe."""
+import json
 import subprocess
 import sys
 
@@ -109,12 +110,20 @@ def test_a_combination_no_product_has_is_undefined_not_scored(setup):
       return split[which or 'test']
 
   chosen = evaluators.from_config(config, ['coarse', 'probe', 'clustering'])
-  for name, e in chosen.items():
-    rows = e(Context())
+  results = {name: e(Context()) for name, e in chosen.items()}
+  for name, rows in results.items():
     counts = {k: v for k, v in rows['image'].items() if isinstance(v, int)}
     assert list(counts.values()) == [0], (name, rows['image'])
     assert all(np.isnan(v) for k, v in rows['image'].items() if k not in counts), name
     assert all(np.isfinite(v) for v in rows['text'].values()), name
+  # Written as strict JSON (null, not NaN, which JavaScript's and Go's parsers refuse), read back
+  # with NaN in its place.
+  text = evaluators.to_json(results)
+  strict = json.loads(text, parse_constant=lambda c: pytest.fail(f'{c} in the results JSON'))
+  assert strict['coarse']['image']['mAP@1'] is None and strict['coarse']['image']['queries'] == 0
+  back = evaluators.from_json(text)
+  assert np.isnan(back['clustering']['image']['NMI'])
+  assert back['coarse']['text'] == results['coarse']['text']
 
 
 def test_unseen_categories_and_a_product_per_cluster_are_warned_about(setup, caplog):

@@ -10,6 +10,7 @@ runs those whose `every` divides the step, on the validation split; `python -m
 scale_jax.evaluate` runs them all on the test split. Adding an evaluator is a module and a line
 in TYPES; the trainer never changes.
 """
+import json
 import math
 
 from scale_jax.evaluators import classification, clustering, features, retrieval
@@ -70,6 +71,22 @@ def flat(results: dict, prefix: str = 'eval') -> dict:
   return {f'{prefix}/{name}/{combo}/{metric}': value
           for name, rows in results.items() for combo, metrics in rows.items()
           for metric, value in metrics.items()}
+
+
+def to_json(value, **kwargs) -> str:
+  """JSON text of results or of a metrics row, with an undefined metric (NaN) as null: Python's
+  json would write NaN, which strict parsers (JavaScript's, Go's, jq's before 1.7) refuse."""
+  def finite(v):
+    if isinstance(v, dict):
+      return {k: finite(x) for k, x in v.items()}
+    return None if isinstance(v, float) and math.isnan(v) else v
+  return json.dumps(finite(value), allow_nan=False, **kwargs)
+
+
+def from_json(text: str):
+  """Results written by to_json, with NaN back for each undefined metric."""
+  return json.loads(text, object_hook=lambda d: {k: math.nan if v is None else v
+                                                 for k, v in d.items()})
 
 
 def tables(results_by_model: dict, evaluators: dict) -> str:

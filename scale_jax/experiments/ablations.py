@@ -109,12 +109,12 @@ def run_key(config) -> str:
 def run(config, workdir, random_init) -> dict:
   """Trains (unless done) and evaluates (unless done) one run; its evaluation results."""
   # pylint: disable=g-import-not-at-top  (JAX and the data stack load only when a run starts)
-  from scale_jax import evaluate
+  from scale_jax import evaluate, evaluators
   from scale_jax.train import train
   path = os.path.join(workdir, 'eval', f'step_{config.total_steps}.json')
   if os.path.exists(path):
     with open(path, encoding='utf-8') as f:
-      results = json.load(f)
+      results = evaluators.from_json(f.read())
     if not random_init or 'random init' in results:
       return results
   train(config, workdir)
