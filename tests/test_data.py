@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import shutil
@@ -308,7 +309,6 @@ def test_features_mode(raw_dir, tmp_path):
 
 
 def test_frame_conversion_matches_ffmpeg():
-  import io
 
   import av
   # Smooth content (chroma is subsampled, so pixel noise would not survive any codec).
@@ -325,7 +325,6 @@ def test_frame_conversion_matches_ffmpeg():
 
 
 def _encoded(img, fmt, **kwargs) -> bytes:
-  import io
   buf = io.BytesIO()
   img.save(buf, fmt, **kwargs)
   return buf.getvalue()
@@ -361,7 +360,6 @@ def test_images_are_read_as_the_shop_shows_them():
 def test_a_large_jpeg_decodes_at_a_reduced_scale_to_the_same_pixels():
   """The DCT-scaled decode (draft) against the whole decode, resized alike: a photo-like image
   (smooth shapes and sensor noise), 800 px, at the paper's 192 and the demo's 32."""
-  import io
 
   from PIL import Image
   rng = np.random.default_rng(0)
@@ -380,7 +378,6 @@ def test_a_large_jpeg_decodes_at_a_reduced_scale_to_the_same_pixels():
 
 
 def test_videos_are_turned_by_their_display_matrix():
-  import io
 
   import av
   halves = np.zeros((16, 24, 3), np.uint8)
@@ -407,8 +404,53 @@ def test_videos_are_turned_by_their_display_matrix():
   assert media.decode_video(mp4(90), 2, 8, fps=2.0)[0][0, -1, :, 0].min() > 0.9  # red below
 
 
+def _small_video(codec, container_format, options) -> bytes:
+  """4 s of 30 fps noise that changes every frame, 32 x 24."""
+  import av
+  rng = np.random.default_rng(0)
+  buf = io.BytesIO()
+  with av.open(buf, 'w', format=container_format) as container:
+    stream = container.add_stream(codec, rate=30)
+    stream.height, stream.width, stream.pix_fmt = 24, 32, 'yuv420p'
+    stream.options = options
+    for t in range(120):
+      frame = (rng.integers(0, 80, (24, 32, 3)) + t).astype(np.uint8)
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+    container.mux(stream.encode())
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize('codec,container_format,options', [
+    ('libx264', 'mp4', {'g': '15', 'bf': '3'}),  # closed GOPs with B-frames
+    ('libx264', 'mp4', {'x264-params': 'open-gop=1:keyint=20:bframes=3'}),
+    ('libx265', 'mp4', {'x265-params': 'keyint=20:log-level=error'}),
+    ('libvpx-vp9', 'webm', {'g': '15'}),
+    ('mpeg4', 'mp4', {'g': '15', 'bf': '2'}),
+])
+def test_video_frames_are_those_of_decoding_every_frame(codec, container_format, options):
+  """Restarting at keyframes and leaving unwanted non-reference frames undecoded take the very
+  frames that decoding every frame in turn takes, bit for bit, at any rate and count (past the
+  end of the video too)."""
+  import av
+  data = _small_video(codec, container_format, options)
+  for num_frames, fps in [(4, 1.0), (6, 1.0), (2, 0.4), (7, 3.3), (30, 30.0), (130, 30.0)]:
+    with av.open(io.BytesIO(data)) as container:
+      every, wanted = [], 0.0
+      for frame in container.decode(video=0):
+        if frame.time + 1e-6 >= wanted:
+          every.append((frame.time, frame.to_ndarray(format='rgb24')))
+          wanted += 1 / fps
+          if len(every) == num_frames:
+            break
+    with av.open(io.BytesIO(data)) as container:
+      taken = [(f.time, f.to_ndarray(format='rgb24'))
+               for f in media._wanted_frames(container, num_frames, fps)]
+    assert [t for t, _ in taken] == [t for t, _ in every], (num_frames, fps)
+    for (time, a), (_, b) in zip(taken, every):
+      np.testing.assert_array_equal(a, b, err_msg=f'frame at {time} s')
+
+
 def _sound_file(wave, rate, fmt='WAV', subtype='PCM_16') -> bytes:
-  import io
 
   import soundfile
   buf = io.BytesIO()
@@ -441,7 +483,6 @@ def test_audio_decodes_only_its_window_and_the_same_samples():
 
 
 def test_features_files_npy_or_single_array_npz_of_real_numbers():
-  import io
 
   def saved(save, *args, **kwargs):
     buf = io.BytesIO()

@@ -158,6 +158,73 @@ def _frame_to_rgb(frame, size: int) -> np.ndarray:
   return _frames_to_rgb([_yuv_planes(frame)], size)[0]
 
 
+_EPSILON_S = 1e-6  # frame times are rationals; a frame this close to a wanted time is on it
+
+
+def _wanted_frames(container, num_frames: int, fps: float):
+  """Yields the frames decode_video takes from the container's first video stream: the first
+  frame at or after each of 0, 1/fps, 2/fps, ... seconds, at most num_frames, and every frame
+  without a time.
+
+  They are the frames decoding every frame in turn would give, bit for bit, for less work. Before
+  each wanted time the decoder starts afresh at the last keyframe at or before it, if that lies
+  beyond what was decoded (a keyframe refers to no earlier frame: a phone video has one every
+  second or two). Frames before the wanted time that no other frame refers to (the decoder's
+  non-reference frames, most B-frames) are not decoded at all.
+  """
+  stream = container.streams.video[0]
+  stream.thread_type = 'NONE'  # one decoder thread: the pipeline parallelises over examples
+  base = stream.time_base
+
+  def seconds(timestamp):
+    return None if timestamp is None or base is None else float(timestamp * base)
+
+  demuxer, packets, keyframes = container.demux(stream), [], []
+
+  def read_until(done) -> None:
+    """Demuxes packets (no decoding) until done() or the end of the stream."""
+    while not ended() and not done():
+      # The demuxer ends with an empty packet: decoding it drains the decoder, and the frames
+      # that gives know their time base (unlike those of decoding None).
+      packet = next(demuxer, None)
+      if packet is None:
+        packet = av.Packet()
+        packet.time_base = base
+      if packet.is_keyframe and seconds(packet.pts) is not None:
+        keyframes.append((len(packets), seconds(packet.pts)))
+      packets.append(packet)
+
+  def ended() -> bool:
+    return bool(packets) and not packets[-1].size
+
+  def decodes_after(time) -> bool:
+    last = seconds(packets[-1].dts) if packets else None
+    return last is not None and last > time
+
+  taken, wanted, position = 0, 0.0, 0  # position: the next packet to decode
+  while taken < num_frames:
+    # Every keyframe shown by the wanted time has been read once a packet decodes after it (a
+    # keyframe's pts is no less than its dts, and dts grow).
+    read_until(lambda: decodes_after(wanted))
+    restart = max((i for i, t in keyframes if t <= wanted + _EPSILON_S), default=-1)
+    if restart > position:
+      stream.codec_context.flush_buffers()  # what it holds is shown before the keyframe
+      position = restart
+    read_until(lambda: len(packets) > position)
+    packet = packets[position]  # the end's empty packet returns below, never passed
+    position += 1
+    time = seconds(packet.pts)
+    unwanted = time is not None and time + _EPSILON_S < wanted
+    stream.codec_context.skip_frame = 'NONREF' if unwanted else 'DEFAULT'
+    for frame in stream.decode(packet):
+      if taken < num_frames and (frame.time is None or frame.time + _EPSILON_S >= wanted):
+        yield frame
+        taken += 1
+        wanted += 1.0 / fps
+    if not packet.size:
+      return
+
+
 def decode_video(data: bytes, num_frames: int, size: int, fps: float) -> tuple[np.ndarray, int]:
   """MP4 bytes -> (float32 [num_frames, size, size, 3] in [0, 1], number of real frames).
 
@@ -166,20 +233,13 @@ def decode_video(data: bytes, num_frames: int, size: int, fps: float) -> tuple[n
   matrix says (a phone's portrait video is stored on its side, with a rotation to show it by).
   """
   out = np.zeros((num_frames, size, size, 3), np.float32)
-  frames, next_time, rotation = [], 0.0, 0
+  frames, rotation = [], 0
   try:
     # An ISO media file (MP4, MOV): name the demuxer FFmpeg's probing would pick, unprobed.
     with av.open(io.BytesIO(data), format='mp4' if data[4:8] == b'ftyp' else None) as container:
-      stream = container.streams.video[0]
-      stream.thread_type = 'NONE'  # one decoder thread: the pipeline parallelises over examples
-      for frame in container.decode(stream):
-        if frame.time is not None and frame.time + 1e-6 < next_time:
-          continue
+      for frame in _wanted_frames(container, num_frames, fps):
         frames.append(_yuv_planes(frame))
         rotation = frame.rotation  # degrees counterclockwise, from the display matrix
-        next_time += 1.0 / fps
-        if len(frames) == num_frames:
-          break
   except (av.FFmpegError, IndexError, ValueError) as e:
     raise MediaError(f'cannot decode video: {e}') from e
   if not frames:
