@@ -53,6 +53,40 @@ def _loss_problems(config, names) -> list:
           f'{", ".join(objectives)} a coefficient and a mask_rate above 0): nothing would train']
 
 
+def _optimizer_problems(o) -> list:
+  """An optimizer whose steps climb the loss (lr < 0) or diverge would train and report success."""
+  limits = {'lr': (0.0, None, False, 1e-3), 'warmup_steps': (0, None, True, 100),
+            'weight_decay': (0.0, None, True, 0.05), 'b1': (0.0, 1.0, True, 0.9),
+            'b2': (0.0, 1.0, True, 0.98), 'clip_norm': (0.0, None, False, 1.0)}
+  problems = []
+  for field, (low, high, low_allowed, example) in limits.items():
+    value = o.get(field)
+    if value is None:
+      continue
+    if not (value >= low if low_allowed else value > low) or (high is not None and value >= high):
+      span = f'{">=" if low_allowed else ">"} {low}' + ('' if high is None else f' and < {high}')
+      problems.append(f'config.optimizer.{field}={value} must be {span}; e.g. '
+                      f'--config.optimizer.{field}={example}')
+  if o.get('decay') not in ('cosine', 'linear'):
+    problems.append(f'config.optimizer.decay={o.get("decay")!r}: one of cosine, linear')
+  return problems
+
+
+def _split_problems(m, mesh) -> list:
+  """Parameter dimensions the mesh splits must divide evenly (sharding.LOGICAL_RULES): the
+  model width over fsdp; heads, MLP widths, the token head (the width) and the vocabulary over
+  tensor."""
+  fsdp, tensor = mesh.shape['fsdp'], mesh.shape['tensor']
+  dims = [('width', m.width, 'fsdp', fsdp)]
+  for field in ('heads', 'media_heads', 'mlp_dim', 'media_mlp_dim', 'width', 'vocab_size'):
+    if m.get(field):
+      dims.append((field, m[field], 'tensor', tensor))
+  return [f'config.model.{field}={size} does not split over config.mesh.{axis}={parts} devices; '
+          f'choose a mesh.{axis} that divides it (e.g. '
+          f'{max(d for d in range(1, parts + 1) if size % d == 0)})'
+          for field, size, axis, parts in dims if size % parts]
+
+
 def _batch_problems(config, mesh) -> list:
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   problems = []
@@ -63,6 +97,7 @@ def _batch_problems(config, mesh) -> list:
               and config.microbatches > 1 else f'the {shards} devices')
       problems.append(f'config.{field}={size} does not split over {what} of mesh axes data x '
                       f'fsdp; e.g. --config.{field}={max(parts, size // parts * parts)}')
+  problems += _split_problems(config.model, mesh)
   # Each process feeds its own rows of the batch, which is split over data x fsdp and copied
   # over tensor: a tensor group needs one process's rows, so it must lie within one process.
   spanned = sharding.processes_split_by(mesh, 'tensor')
@@ -92,6 +127,10 @@ def check(config, mesh=None) -> None:
     if coefficient < 0:
       problems.append(f'config.loss.{objective}={coefficient} must be >= 0')
   problems += _loss_problems(config, names)
+  problems += _optimizer_problems(config.optimizer)
+  if config.checkpoint_keep < 1:
+    problems.append(f'config.checkpoint_keep={config.checkpoint_keep} would keep no checkpoint '
+                    f'(a resume or an evaluation would find none); e.g. --config.checkpoint_keep=2')
   for field, example in (('log_every', 50), ('checkpoint_every', 1000)):
     if config[field] < 1:
       problems.append(f'config.{field}={config[field]} must be at least 1 (the last step is '

@@ -59,10 +59,17 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   if any(d < 1 or size % d for d, size in zip(dcn, sizes)):
     raise ValueError(f'mesh dcn sizes {dict(zip(MESH_AXES, dcn))} must divide the axis sizes '
                      f'{dict(zip(MESH_AXES, sizes))}')
+  # Slices are granules on TPU; elsewhere (GPU and CPU hosts) each process is one.
+  by_process = not hasattr(devices[0], 'slice_index')
+  granules = len({d.process_index if by_process else d.slice_index for d in devices})
+  if int(np.prod(dcn)) not in (1, granules):
+    kind = ('process', 'processes') if by_process else ('slice', 'slices')
+    raise ValueError(
+        f'mesh dcn sizes {dict(zip(MESH_AXES, dcn))} multiply to {int(np.prod(dcn))}, but the '
+        f'devices lie in {granules} {kind[granules > 1]}: the dcn sizes must multiply to that '
+        f'number (or all be 1), e.g. --config.mesh.dcn_data={granules}')
   if int(np.prod(dcn)) > 1:
     within = [size // d for size, d in zip(sizes, dcn)]
-    # Slices are granules on TPU; elsewhere (GPU and CPU hosts) each process is one.
-    by_process = not hasattr(devices[0], 'slice_index')
     array = mesh_utils.create_hybrid_device_mesh(within, dcn, devices,
                                                  process_is_granule=by_process,
                                                  allow_split_physical_axes=True)

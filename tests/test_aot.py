@@ -95,6 +95,10 @@ def test_multislice_mesh_keeps_fsdp_within_a_slice():
   assert (slices[0] == 0).all() and (slices[1] == 1).all()  # one data position per slice
   with pytest.raises(ValueError, match='must divide'):
     sharding.make_mesh(dict(data=2, fsdp=4, tensor=1, dcn_fsdp=3), devices)
+  with pytest.raises(ValueError, match='multiply to 4, but the devices lie in 2 slices'):
+    sharding.make_mesh(dict(data=4, fsdp=2, tensor=1, dcn_data=4), devices)
+  with pytest.raises(ValueError, match='multiply to 2, but the devices lie in 1 process:'):
+    sharding.make_mesh(dict(data=2, fsdp=2, tensor=1, dcn_data=2), aot.tpu_devices('v5e:2x2'))
 
 
 def test_a_tensor_group_across_processes_is_refused_with_the_reason():

@@ -158,6 +158,16 @@ BAD_CONFIGS = {
     'log every': (lambda c: c.update(log_every=0), 'config.log_every=0 must be at least 1'),
     'checkpoint every': (lambda c: c.update(checkpoint_every=0),
                          'config.checkpoint_every=0 must be at least 1'),
+    'tensor split': (lambda c: c.mesh.update(data=1, tensor=4),
+                     'config.model.heads=2 does not split over config.mesh.tensor=4 devices; '
+                     'choose a mesh.tensor that divides it (e.g. 2)'),
+    'checkpoint keep': (lambda c: c.update(checkpoint_keep=0),
+                        'config.checkpoint_keep=0 would keep no checkpoint'),
+    'negative lr': (lambda c: c.optimizer.update(lr=-1.0),
+                    'config.optimizer.lr=-1.0 must be > 0.0; e.g. --config.optimizer.lr=0.001'),
+    'beta': (lambda c: c.optimizer.update(b2=1.0), 'config.optimizer.b2=1.0 must be >= 0.0 and < 1.0'),
+    'decay': (lambda c: c.optimizer.update(decay='step'),
+              "config.optimizer.decay='step': one of cosine, linear"),
     'no loss': (lambda c: c.update(modalities=('image',), loss=dict(c.loss, mrm=0.0)),
                 "config.loss: no loss is on for config.modalities=('image',)"),
     # Heads on the encoders and no gradient through the weights: no loss reaches the joint.
