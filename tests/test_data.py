@@ -482,6 +482,30 @@ def test_audio_decodes_only_its_window_and_the_same_samples():
       decode()
 
 
+def test_pcm_sound_tracks_of_every_sample_format_read_in_minus_one_to_one():
+  """Integer PCM in MKV or MOV comes through FFmpeg as integers: unsigned 8-bit (silence at 128)
+  and signed 16-, 32-bit are scaled to the waveform they encode, like float PCM."""
+  import av
+  wave = 0.5 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000)
+  formats = {'pcm_u8': ('u8', np.uint8, lambda w: np.round(w * 128 + 128)),
+             'pcm_s16le': ('s16', np.int16, lambda w: np.round(w * 2 ** 15)),
+             'pcm_s32le': ('s32', np.int32, lambda w: np.round(w * 2 ** 31)),
+             'pcm_f32le': ('flt', np.float32, lambda w: w)}
+  for codec, (sample_format, dtype, encode) in formats.items():
+    for container_format in ('matroska', 'mov'):
+      buf = io.BytesIO()
+      with av.open(buf, 'w', format=container_format) as container:
+        stream = container.add_stream(codec, rate=16000, layout='mono')
+        frame = av.AudioFrame.from_ndarray(encode(wave).astype(dtype)[None], format=sample_format,
+                                           layout='mono')
+        frame.sample_rate = 16000
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+      decoded, samples = media.decode_audio(buf.getvalue(), 16000)
+      assert samples == 8000, (codec, container_format)
+      np.testing.assert_allclose(decoded, wave, atol=1 / 128, err_msg=f'{codec} {container_format}')
+
+
 def test_features_files_npy_or_single_array_npz_of_real_numbers():
 
   def saved(save, *args, **kwargs):

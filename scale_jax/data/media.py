@@ -267,7 +267,10 @@ def _read_sound_track(data: bytes, keep: float | None) -> tuple[np.ndarray, int]
       samples = frame.to_ndarray().astype(np.float32)  # [channels, n] planar or [1, n * ch]
       if not frame.format.is_planar:
         samples = samples.reshape(-1, len(frame.layout.channels)).T
-      if frame.format.name.startswith(('s16', 's32')):  # integer PCM -> [-1, 1]
+      name = frame.format.name  # FFmpeg's: u8, s16, s32, s64, flt, dbl, each maybe planar ('p')
+      if name.startswith('u8'):  # unsigned: silence is 128
+        samples = (samples - 128.0) / 128.0
+      elif name.startswith(('s16', 's32', 's64')):  # signed integer PCM -> [-1, 1]
         samples /= float(2 ** (8 * frame.format.bytes - 1))
       chunks.append(samples.mean(axis=0))
       total += len(chunks[-1])
