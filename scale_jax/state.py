@@ -1,6 +1,7 @@
 """Run state, shared by the trainer, the evaluators, the AOT tool and the benchmarks: the model,
 the optimizer, the sharded TrainState and its checkpoints (save, restore, init_from), and the
 check that a checkpoint holds the model a config builds. None of them imports another."""
+import contextlib
 import os
 import re
 
@@ -146,6 +147,34 @@ def checkpoint_dir(workdir) -> epath.Path:
   return epath.Path(os.path.abspath(workdir) if local else workdir) / 'checkpoints'
 
 
+class UnreadableCheckpoint(ValueError):
+  """A checkpoint whose files are damaged or missing (a disk that failed, files deleted)."""
+
+
+@contextlib.contextmanager
+def readable(manager, step):
+  """Turns an error of Orbax reading checkpoint `step` (a tensorstore error, a KeyError for a
+  missing item, hundreds of lines of asynchronous traceback) into one message that names the
+  checkpoint and what to do."""
+  try:
+    yield
+  except (UnreadableCheckpoint, KeyboardInterrupt):
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (any damage reads as some error)
+    lines = str(e).strip().splitlines()
+    reason = (f'{type(e).__name__}: {lines[0].split(" See full TensorStore")[0][:300]}'
+              if lines else type(e).__name__)
+    path = manager.directory / str(step)
+    others = sorted(s for s in manager.all_steps() if s < step)
+    if others:
+      what = (f'the checkpoints before it: {others}. To resume from step {others[-1]}, move '
+              f'{path} out of {manager.directory}; to evaluate one, pass --step {others[-1]}')
+    else:
+      what = 'no earlier checkpoint is there: start the run again in a new workdir'
+    raise UnreadableCheckpoint(f'checkpoint {step} in {manager.directory} cannot be read '
+                               f'({reason}); {what}') from None
+
+
 def _read_only_manager(workdir):
   return ocp.CheckpointManager(checkpoint_dir(workdir),
                                item_handlers={'state': ocp.PyTreeCheckpointHandler()},
@@ -169,8 +198,9 @@ def check_checkpoint_matches(workdir, step, params, config):
   """Raises ValueError if the parameters saved at `step` in `workdir` are not those of this
   config's model (a tree-structure mismatch inside Orbax names neither the cause nor the fix)."""
   source = _read_only_manager(workdir)
-  saved = {n: tuple(x.shape) for n, x in _flat_params(
-      source.item_metadata(step)['state']['params']).items()}
+  with readable(source, step):
+    saved = {n: tuple(x.shape) for n, x in _flat_params(
+        source.item_metadata(step)['state']['params']).items()}
   source.close()
   ours = {n: tuple(x.shape) for n, x in _flat_params(params).items()}
   if saved == ours:
@@ -196,7 +226,8 @@ def load_init_from(params, shardings, init_from, config):
   step = source.latest_step()
   if step is None:
     raise FileNotFoundError(f'config.init_from.workdir: no checkpoint in {directory}')
-  saved = _flat_params(source.item_metadata(step)['state']['params'])
+  with readable(source, step):
+    saved = _flat_params(source.item_metadata(step)['state']['params'])
   ours, our_shardings = _flat_params(params), _flat_params(shardings)
   names = [n for n in ours if re.search(init_from.include, n) and n in saved]
   if not names:
@@ -209,9 +240,10 @@ def load_init_from(params, shardings, init_from, config):
   nest = lambda d: flax.traverse_util.unflatten_dict({tuple(n.split('/')): v for n, v in d.items()})
   target = {'params': nest({n: jax.ShapeDtypeStruct(ours[n].shape, ours[n].dtype,
                                                     sharding=our_shardings[n]) for n in names})}
-  restored = source.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True))).state
+  with readable(source, step):
+    restored = source.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))).state
   source.close()
   copied = _flat_params(restored['params'])
   return nest({n: copied.get(n, x) for n, x in ours.items()}), step, names
@@ -236,8 +268,9 @@ def restore_params(config, workdir, mesh, step=None):
         f'--config ... --workdir {workdir}`')
   check_checkpoint_matches(workdir, step, abstract.params, config)
   target = {'params': abstract.params}
-  restored = source.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)))
+  with readable(source, step):
+    restored = source.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
   source.close()
   return restored.state['params'], step

@@ -404,8 +404,9 @@ def train(config, workdir):
     # The input position is not restored: it follows from the step (pipeline.train_dataset),
     # so any number of processes may resume the run. Checkpoints written before held Grain
     # iterator states under 'data', which are left alone.
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(setup.abstract_state)))
+    with run_state.readable(manager, manager.latest_step()):
+      restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(setup.abstract_state)))
     state = restored.state
     log(f'resumed from step {int(state.step)} in {manager.directory}')
   else:

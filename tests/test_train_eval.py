@@ -133,6 +133,36 @@ NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
                         'evaluate_checkpoint.ipynb')
 
 
+@pytest.mark.parametrize('damage', ['state deleted', 'data file truncated'])
+def test_a_damaged_checkpoint_is_named_with_the_way_on(trained, tmp_path, damage):
+  """Resuming or evaluating a run whose latest checkpoint is damaged says which checkpoint, why,
+  and how to go on from the one before (Orbax alone: a KeyError, or hundreds of lines of
+  asynchronous traceback)."""
+  from scale_jax import sharding
+  from scale_jax import state as run_state
+  config, workdir, _ = trained
+  run = str(tmp_path / 'run')
+  shutil.copytree(workdir, run)
+  state_dir = os.path.join(run, 'checkpoints', '4', 'state')
+  if damage == 'state deleted':
+    shutil.rmtree(state_dir)
+  else:
+    for directory, _, names in os.walk(state_dir):
+      for name in names if os.path.basename(directory) == 'd' else ():  # the array data
+        with open(os.path.join(directory, name), 'r+b') as f:
+          f.truncate(os.path.getsize(f.name) // 2)
+  expected = r'checkpoint 4 in .* cannot be read \(.*\); .* resume from step 2, .* --step 2'
+  mesh = sharding.make_mesh(config.mesh)
+  with pytest.raises(run_state.UnreadableCheckpoint, match=expected):
+    run_state.restore_params(config, run, mesh)
+  params, step = run_state.restore_params(config, run, mesh, step=2)
+  assert step == 2 and params
+  longer = copy.deepcopy(config)
+  longer.total_steps = 6
+  with pytest.raises(run_state.UnreadableCheckpoint, match=expected):
+    train(longer, run)
+
+
 def test_notebook_runs_and_draws(trained, monkeypatch, tmp_path):
   """The Colab notebook, executed headless on the tiny run: its tables and figures."""
   import nbclient  # pylint: disable=g-import-not-at-top  (test extras)
