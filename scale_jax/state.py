@@ -158,8 +158,6 @@ def readable(manager, step):
   checkpoint and what to do."""
   try:
     yield
-  except (UnreadableCheckpoint, KeyboardInterrupt):
-    raise
   except Exception as e:  # pylint: disable=broad-except  (any damage reads as some error)
     lines = str(e).strip().splitlines()
     reason = (f'{type(e).__name__}: {lines[0].split(" See full TensorStore")[0][:300]}'
@@ -173,6 +171,21 @@ def readable(manager, step):
       what = 'no earlier checkpoint is there: start the run again in a new workdir'
     raise UnreadableCheckpoint(f'checkpoint {step} in {manager.directory} cannot be read '
                                f'({reason}); {what}') from None
+
+
+def _saved_params(source, step) -> dict:
+  """{name: shape and dtype metadata} of the parameters in checkpoint `step` of `source`."""
+  with readable(source, step):
+    return _flat_params(source.item_metadata(step)['state']['params'])
+
+
+def _restore_params_only(source, step, target) -> dict:
+  """The parameters `target` names ({'params': ShapeDtypeStructs}) from checkpoint `step`, onto
+  their shardings; the optimizer state is not read."""
+  with readable(source, step):
+    return source.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))).state
 
 
 def _read_only_manager(workdir):
@@ -198,9 +211,7 @@ def check_checkpoint_matches(workdir, step, params, config):
   """Raises ValueError if the parameters saved at `step` in `workdir` are not those of this
   config's model (a tree-structure mismatch inside Orbax names neither the cause nor the fix)."""
   source = _read_only_manager(workdir)
-  with readable(source, step):
-    saved = {n: tuple(x.shape) for n, x in _flat_params(
-        source.item_metadata(step)['state']['params']).items()}
+  saved = {n: tuple(x.shape) for n, x in _saved_params(source, step).items()}
   source.close()
   ours = {n: tuple(x.shape) for n, x in _flat_params(params).items()}
   if saved == ours:
@@ -226,8 +237,7 @@ def load_init_from(params, shardings, init_from, config):
   step = source.latest_step()
   if step is None:
     raise FileNotFoundError(f'config.init_from.workdir: no checkpoint in {directory}')
-  with readable(source, step):
-    saved = _flat_params(source.item_metadata(step)['state']['params'])
+  saved = _saved_params(source, step)
   ours, our_shardings = _flat_params(params), _flat_params(shardings)
   names = [n for n in ours if re.search(init_from.include, n) and n in saved]
   if not names:
@@ -240,10 +250,7 @@ def load_init_from(params, shardings, init_from, config):
   nest = lambda d: flax.traverse_util.unflatten_dict({tuple(n.split('/')): v for n, v in d.items()})
   target = {'params': nest({n: jax.ShapeDtypeStruct(ours[n].shape, ours[n].dtype,
                                                     sharding=our_shardings[n]) for n in names})}
-  with readable(source, step):
-    restored = source.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))).state
+  restored = _restore_params_only(source, step, target)
   source.close()
   copied = _flat_params(restored['params'])
   return nest({n: copied.get(n, x) for n, x in ours.items()}), step, names
@@ -268,9 +275,6 @@ def restore_params(config, workdir, mesh, step=None):
         f'--config ... --workdir {workdir}`')
   check_checkpoint_matches(workdir, step, abstract.params, config)
   target = {'params': abstract.params}
-  with readable(source, step):
-    restored = source.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
+  restored = _restore_params_only(source, step, target)
   source.close()
-  return restored.state['params'], step
+  return restored['params'], step
