@@ -124,8 +124,10 @@ def get_config():
   # settings. The trainer runs each every `every` steps (0: never) on the validation split;
   # `python -m scale_jax.evaluate --workdir RUN` runs them all on the test split.
   c.evals = dict(
-      coarse=dict(type='retrieval', relevance='category', every=0),
-      fine=dict(type='retrieval', relevance='instance', every=0),
+      # queries / gallery: files of item ids, one per line (M5Product's lists), restricting who
+      # asks and who may be found; '' for every product of the split.
+      coarse=dict(type='retrieval', relevance='category', every=0, queries='', gallery=''),
+      fine=dict(type='retrieval', relevance='instance', every=0, queries='', gallery=''),
       probe=dict(type='classification', method='probe', steps=500, lr=0.01, every=0),
       # Fine-tuning trains the encoders: on the CPU the demo fine-tunes the full combination only.
       finetune=dict(type='classification', method='finetune', steps=60, lr=1e-4, every=0,

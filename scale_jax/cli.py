@@ -66,6 +66,28 @@ def with_saved_config(argv):
   return argv
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with an override of a field the config does not have (a typo in
+  `--config.model.widht=1`) as one error line naming it; ml_collections raises a bare
+  AttributeError or KeyError for it from deep in the parser."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    # Its text: the quoted key, and on a second line "Did you mean ..." when one is close.
+    lines = str(e).replace('\\n', '\n').splitlines() or ['']
+    key = lines[0].replace('\\', '').strip('"\' ')
+    named = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')
+             and key in a.split('=', 1)[0][len('--config.'):].split('.')]
+    if not named:
+      raise
+    hint = ''.join(' ' + line.strip().rstrip("'") for line in lines[1:2]
+                   if line.startswith('Did you mean'))
+    print(f'error: {named[0]}: the config has no field {named[0][len("--config."):]!r}.{hint} '
+          f'(an override can only set a field the config file defines; --helpfull lists them)',
+          file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def run(fn):
   """Parses the flags and calls fn(config, workdir)."""
   config_flags.DEFINE_config_file('config', None, 'config file (configs/*.py); default: the '
@@ -105,4 +127,4 @@ def run(fn):
       print(f'error: {e}', file=sys.stderr, flush=True)  # the message says it all
       sys.exit(1)
 
-  app.run(main, argv=with_saved_config(sys.argv))
+  app.run(main, argv=with_saved_config(sys.argv), flags_parser=parse_flags)

@@ -7,7 +7,8 @@ overrides apply on top. Runs the evaluators of config.evals (docs/evaluation.md:
 fine-grained retrieval, linear probe and fine-tuning, k-means clustering) on the test split, one
 row per modality combination of config.eval.combinations; --random-init adds the same model at
 random initialisation as a baseline row. Writes RUN/eval/step_N.json and RUN/eval/step_N.md (the
-tables) and prints the tables.
+tables) and prints the tables. An evaluation of another split, or of some evaluators only, writes
+files of its own (step_N_validation.md, step_N_coarse+fine.md), never over the full one.
 """
 import jax
 from absl import flags
@@ -27,7 +28,7 @@ _SPLIT = flags.DEFINE_string('split', 'test', 'split to evaluate on (the trainer
 
 def evaluate(config, workdir, step=None, names=None, random_init=False, split='test') -> dict:
   """{'pretrained (step N)': {evaluator: {combination: {metric: value}}}, and 'random init'
-  likewise if asked}. Process 0 writes RUN/eval/step_N.json and .md."""
+  likewise if asked}. Process 0 writes RUN/eval/<results_name(...)>.json and .md."""
   mesh = sharding.make_mesh(config.mesh)
   config_check.check(config, mesh)
   have = pipeline.splits(config.data.dir)
@@ -49,9 +50,17 @@ def evaluate(config, workdir, step=None, names=None, random_init=False, split='t
   if jax.process_index() == 0:  # RUN may be local or gs://
     out = epath.Path(workdir) / 'eval'
     out.mkdir(parents=True, exist_ok=True)
-    (out / f'step_{step}.json').write_text(evaluators.to_json(results, indent=1))
-    (out / f'step_{step}.md').write_text(report(results, chosen, split, config))
+    stem = results_name(step, split, names)
+    (out / f'{stem}.json').write_text(evaluators.to_json(results, indent=1))
+    (out / f'{stem}.md').write_text(report(results, chosen, split, config))
   return results
+
+
+def results_name(step: int, split: str = 'test', names=None) -> str:
+  """step_N for every evaluator on the test split; the split and the evaluators are named
+  otherwise, so that no partial evaluation replaces the full one."""
+  return (f'step_{step}' + ('' if split == 'test' else f'_{split}')
+          + (f'_{"+".join(names)}' if names else ''))
 
 
 def report(results, chosen, split, config) -> str:

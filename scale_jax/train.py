@@ -421,13 +421,19 @@ def train(config, workdir):
           f'rest and the optimizer state start fresh (seed {config.seed})')
     else:
       log(f'starting from scratch (seed {config.seed})')
-  if jax.process_index() == 0:
-    run_config.save(config, workdir)
-    run_config.save_tokenizer(workdir, tokenizer_path)
   if 0 < config.total_steps <= config.optimizer.warmup_steps:
     log(f'warning: config.optimizer.warmup_steps={config.optimizer.warmup_steps} is not below '
         f'config.total_steps={config.total_steps}: the learning rate never reaches '
         f'config.optimizer.lr={config.optimizer.lr}')
+  first_step = int(state.step)
+  if first_step >= config.total_steps:  # RUN/config.json stays the one that trained it
+    log(f'nothing to train: {workdir} is at step {first_step} and config.total_steps is '
+        f'{config.total_steps}; raise it to train on')
+    manager.close()
+    return state
+  if jax.process_index() == 0:
+    run_config.save(config, workdir)
+    run_config.save_tokenizer(workdir, tokenizer_path)
 
   # ----------------------------------------------------------------------------------------------
   # Input pipeline: this process's share of every global batch from the state's step on,
@@ -439,13 +445,6 @@ def train(config, workdir):
   def to_global(local_batch):
     return jax.tree.map(jax.make_array_from_process_local_data, setup.batch_shardings,
                         local_batch)
-
-  first_step = int(state.step)
-  if first_step >= config.total_steps:
-    log(f'nothing to train: {workdir} is at step {first_step} and config.total_steps is '
-        f'{config.total_steps}; raise it to train on')
-    manager.close()
-    return state
 
   # ----------------------------------------------------------------------------------------------
   # Compile the step ahead of the loop, so step times exclude compilation. FLOPs per step: XLA's

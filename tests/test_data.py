@@ -1,3 +1,4 @@
+import gzip
 import io
 import json
 import os
@@ -6,6 +7,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import soundfile
 from ml_collections import FrozenConfigDict
 
 from scale_jax import modalities
@@ -73,6 +75,66 @@ def test_a_manifest_with_nothing_usable_names_the_first_problem(tmp_path):
     raw.read_manifest(path, raw.Problems())
   assert str(error.value) == (f'{path}: manifest has no usable products (2 broken line; the '
                               f'first: {path}:1: required field "label" is missing)')
+
+
+def test_a_gzipped_manifest_and_a_json_array_read_as_the_lines_would(tmp_path):
+  lines = [b'\xef\xbb\xbf{"item_id": "p0", "label": 1, "caption": "a red shoe"}',
+           b'{"item_id": "p1", "label": 2, "caption": "caf\xc3\xa9 \xff", "image": "a.jpg"}']
+  plain = raw.read_manifest(_manifest(tmp_path, lines), raw.Problems())
+  gzipped = tmp_path / 'gz' / 'manifest.jsonl.gz'
+  gzipped.parent.mkdir()
+  (gzipped.parent / 'a.jpg').write_bytes(b'x')
+  gzipped.write_bytes(gzip.compress(b'\n'.join(lines)))
+  array = tmp_path / 'array' / 'products.json'
+  array.parent.mkdir()
+  (array.parent / 'a.jpg').write_bytes(b'x')
+  array.write_bytes(b'[\n  ' + b',\n  '.join(line.removeprefix(b'\xef\xbb\xbf')
+                                            for line in lines) + b'\n]\n')
+  strip = lambda products: [{k: v for k, v in p.items() if k not in ('where', 'image')}
+                            for p in products]
+  for path in (raw.manifest_path(str(gzipped.parent)), str(array)):
+    problems = raw.Problems()
+    products = raw.read_manifest(path, problems)
+    assert strip(products) == strip(plain), path
+    assert products[1]['image'] is not None
+    assert problems.counts['undecodable text'] == 1  # the \xff, as in the plain manifest
+  assert products[1]['where'] == f'{array}: array element 2'
+  array.write_bytes(b'[{"item_id": "p0", "label": 1},\n')
+  with pytest.raises(raw.RawDataError, match='starts as a JSON array but does not parse'):
+    raw.read_manifest(str(array), raw.Problems())
+
+
+def test_a_file_that_cannot_be_read_says_why(tmp_path):
+  (tmp_path / 'a_directory.jpg').mkdir()
+  path = _manifest(tmp_path, [
+      b'{"item_id": "p0", "label": 1, "caption": "x", "image": "https://shop.example/1.jpg"}',
+      b'{"item_id": "p1", "label": 1, "caption": "x", "image": "a_directory.jpg"}',
+      b'{"item_id": "p2", "label": 1, "caption": "x", "image": "nope.jpg"}'])
+  problems = raw.Problems()
+  raw.read_manifest(path, problems)
+  reasons = [reason for _, _, reason in problems.items]
+  assert reasons == [
+      f'image file named on {path}:1: a https:// address: media are local files, relative to '
+      f'the manifest (download them first)',
+      f'image file named on {path}:2: a directory, not a file',
+      f'image file named on {path}:3: does not exist']
+  (tmp_path / 'empty.jpg').write_bytes(b'')
+  (tmp_path / 'text.jpg').write_bytes(b'<html>not an image</html>')
+  sound = io.BytesIO()
+  soundfile.write(sound, np.zeros(8000, np.float32), 16000, format='WAV')
+  (tmp_path / 'sound.mp4').write_bytes(sound.getvalue())  # a sound file named as a video
+  product = dict(item_id='p', where='line 1', **{f: None for f in raw.MEDIA},
+                 **{f: None for f in raw.FEATURE_FIELDS.values()})
+  product.update(image=str(tmp_path / 'empty.jpg'), video=str(tmp_path / 'sound.mp4'))
+  _, found, _ = build.check_files(product)
+  product.update(image=str(tmp_path / 'text.jpg'), video=None)
+  _, more, _ = build.check_files(product)
+  reasons = {kind: reason for kind, _, reason in found + more}
+  assert reasons['corrupt image'].startswith('cannot decode image: not in a format Pillow reads')
+  assert [r for k, _, r in found if k == 'corrupt image'] == [
+      'the file is empty (0 bytes) (image of line 1)']
+  assert reasons['corrupt video'] == ('cannot decode video: no video stream in the file (it holds '
+                                      'only sound) (video of line 1)')
 
 
 def tiny_config(data_dir):

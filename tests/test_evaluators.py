@@ -35,13 +35,17 @@ def _extract(setup, split='test', **eval_fields):
   return extractor(params, split, features.combinations(config))
 
 
-def test_combinations_follow_the_runs_modalities(setup):
+def test_combinations_follow_the_runs_modalities(setup, caplog):
   config = setup[0].copy_and_resolve_references()
   names = [features.name(c) for c in features.combinations(config)]
   assert names == ['text', 'image', 'text+image', 'text+table+image+video+audio']
   config.modalities = ('text', 'image')
   assert [features.name(c) for c in features.combinations(config)] == [
       'text', 'image', 'text+image']  # 'all' is now text+image: no duplicate row
+  assert [features.name(c) for c in features.combinations(config, ['text+audio', 'text'])] == [
+      'text']
+  assert ("combinations text+audio left out: config.modalities=('text', 'image') does not have "
+          "all of their modalities" in caplog.text)
   with pytest.raises(ValueError, match="'txt'"):
     features.combinations(config, ['txt+image'])
   with pytest.raises(ValueError, match=r"none of the combinations \('text\+audio', 'audio'\) "
@@ -192,3 +196,35 @@ def test_query_and_gallery_lists_restrict_retrieval(setup, tmp_path):
   assert 0 < coarse()['queries'] <= 5
   config.evals.coarse.update(queries='', gallery=str(tmp_path / 'five.txt'))  # only they answer
   assert coarse()['queries'] < everyone['queries']
+
+
+def test_id_lists_are_read_when_the_evaluator_is_built(setup, tmp_path, caplog):
+  config, mesh, model, params = setup
+  config = config.copy_and_resolve_references()
+  config.eval.combinations = ('text',)
+  extractor = features.FeatureExtractor(model, config, mesh)
+  f = extractor(params, 'test', features.combinations(config))
+  ids = pipeline.item_ids(config, 'test', f.rows[f.has['text']])
+  config.evals.coarse.queries = str(tmp_path / 'missing.txt')
+  with pytest.raises(ValueError, match=r'config.evals.coarse.queries=.*missing.txt.*cannot read'):
+    evaluators.from_config(config, ['coarse'])  # before any feature is computed
+  (tmp_path / 'empty.txt').write_text('\n \n')
+  config.evals.coarse.queries = str(tmp_path / 'empty.txt')
+  with pytest.raises(ValueError, match='lists no item id'):
+    evaluators.from_config(config, ['coarse'])
+  # A byte order mark (Windows editors write one) is not part of the first id.
+  (tmp_path / 'bom.txt').write_text('\ufeff' + ids[0] + '\nnot-an-item\n', encoding='utf-8')
+  config.evals.coarse.queries = str(tmp_path / 'bom.txt')
+  coarse = evaluators.from_config(config, ['coarse'])
+  assert coarse['coarse'].id_lists['queries'] == {ids[0], 'not-an-item'}
+  rows = evaluators.evaluate(coarse, extractor, params, 'test')['coarse']['text']
+  assert rows['queries'] <= 1
+  assert 'config.evals.coarse.queries: 1 of its 2 item ids are not in the test split' in caplog.text
+
+
+def test_a_misspelt_evaluator_setting_is_named(setup):
+  config = setup[0].copy_and_resolve_references()
+  config.evals.coarse.relevence = 'instance'
+  with pytest.raises(ValueError, match=r'config.evals.coarse.relevence: not a setting of a '
+                                       r'retrieval evaluator \(its settings: type, relevance, '):
+    evaluators.from_config(config, ['coarse'])

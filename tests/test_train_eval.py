@@ -70,11 +70,18 @@ def test_evaluate_reads_the_runs_own_config(trained):
   assert run_config.differences(run_config.load(workdir), config) == []
   assert cli.with_saved_config(['evaluate', '--workdir', workdir]) == [
       'evaluate', f'--config={run_config.__file__}:{workdir}', '--workdir', workdir]
+  full = os.path.join(workdir, 'eval', 'step_4.json')
+  os.makedirs(os.path.dirname(full), exist_ok=True)
+  with open(full, 'w', encoding='utf-8') as f:
+    f.write('{"a full evaluation": {}}')
   subprocess.run([sys.executable, '-m', 'scale_jax.evaluate', '--workdir', workdir,
                   '--random-init', '--evals=coarse,probe,finetune', '--config.evals.probe.steps=20',
                   '--config.evals.finetune.steps=2', "--config.eval.combinations=('text', 'all')"],
                  check=True, capture_output=True, text=True)
-  with open(os.path.join(workdir, 'eval', 'step_4.json'), encoding='utf-8') as f:
+  with open(full, encoding='utf-8') as f:
+    assert f.read() == '{"a full evaluation": {}}'  # some evaluators only: files of their own
+  with open(os.path.join(workdir, 'eval', 'step_4_coarse+probe+finetune.json'),
+            encoding='utf-8') as f:
     results = json.load(f)
   assert list(results) == ['pretrained (step 4)', 'random init']
   every = 'text+table+image+video+audio'
@@ -84,7 +91,8 @@ def test_evaluate_reads_the_runs_own_config(trained):
     assert list(rows['finetune']) == [every]  # its own combinations: ('all',)
     assert 0 <= rows['probe']['text']['accuracy'] <= 1
   assert results['random init'] != results['pretrained (step 4)']
-  with open(os.path.join(workdir, 'eval', 'step_4.md'), encoding='utf-8') as f:
+  with open(os.path.join(workdir, 'eval', 'step_4_coarse+probe+finetune.md'),
+            encoding='utf-8') as f:
     table = f.read()
   assert '| text | random init |' in table and f'| {every} | pretrained (step 4) |' in table
 

@@ -231,7 +231,9 @@ def test_resume_takes_precedence_over_init_from(reference, data_dir, tmp_path, c
   config = tiny_config(data_dir, seed=1)
   config.init_from.update(workdir=str(tmp_path / 'does-not-exist'))
   config.optimizer.warmup_steps = 12  # (the schedule is not stored: the checkpoint still fits)
+  saved = (tmp_path / 'run' / 'config.json').read_text()
   state = trainer.train(config, workdir)  # already at total_steps: restores, runs nothing
+  assert (tmp_path / 'run' / 'config.json').read_text() == saved  # the config that trained it
   out = capsys.readouterr().out
   assert 'resumed from step 12' in out
   assert f'nothing to train: {workdir} is at step 12 and config.total_steps is 12' in out
@@ -404,6 +406,13 @@ def test_errors_of_our_own_checks_are_one_line_others_keep_their_traceback(raw_d
   assert run.returncode == 1 and 'Traceback' not in run.stderr
   assert (f'error: {raw_dir}: a raw catalogue, not a built dataset; build one with `python -m '
           f'scale_jax.data.build --raw {raw_dir} --out DATA`') in run.stderr
+  typo = subprocess.run(
+      [sys.executable, '-m', 'scale_jax.train', '--config', 'configs/tiny.py', '--workdir',
+       str(tmp_path / 'run'), '--config.model.widht=8'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert typo.returncode == 1 and 'Traceback' not in typo.stderr
+  assert ("error: --config.model.widht: the config has no field 'model.widht'. Did you mean "
+          '"width" instead of "widht"?') in typo.stderr
   with pytest.raises(FileNotFoundError) as ours:
     pipeline.open_split(str(tmp_path), 'train')  # raised by our check
   with pytest.raises(ValueError) as numpy_error:

@@ -108,7 +108,10 @@ def check_files(product: dict) -> tuple[dict, list, dict]:
       continue
     try:
       with open(path, 'rb') as f:
-        result = _check_bytes(check, f.read())
+        data = f.read()
+      if not data:  # (what each decoder would make of it is less clear)
+        raise media.MediaError('the file is empty (0 bytes)')
+      result = _check_bytes(check, data)
     except (media.MediaError, OSError) as e:
       problems.append((f'corrupt {check}', path, f'{e} ({field} of {product["where"]})'))
       product[field] = None

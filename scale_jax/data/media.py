@@ -51,6 +51,9 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     if min(img.size) >= 4 * size:  # (a call that cannot reduce costs 5% of a small decode)
       img.draft(None, (2 * size, 2 * size))
     img = _upright_rgb(img).resize((size, size), Image.BILINEAR)
+  except Image.UnidentifiedImageError as e:  # its message names a BytesIO object, not the file
+    raise MediaError('cannot decode image: not in a format Pillow reads' +
+                     (' (the file is empty)' if not data else '')) from e
   except Exception as e:  # PIL raises several unrelated types for corrupt files
     raise MediaError(f'cannot decode image: {e}') from e
   return np.asarray(img, np.float32) / 255.0
@@ -172,6 +175,9 @@ def _wanted_frames(container, num_frames: int, fps: float):
   second or two). Frames before the wanted time that no other frame refers to (the decoder's
   non-reference frames, most B-frames) are not decoded at all.
   """
+  if not container.streams.video:
+    raise MediaError('no video stream in the file' +
+                     (' (it holds only sound)' if container.streams.audio else ''))
   stream = container.streams.video[0]
   stream.thread_type = 'NONE'  # one decoder thread: the pipeline parallelises over examples
   base = stream.time_base

@@ -8,9 +8,11 @@ skipped, and the build ends with a summary. With `strict=True` the first problem
 RawDataError naming the file (and line) and the reason.
 """
 import collections
+import gzip
 import json
 import math
 import os
+import zlib
 
 from scale_jax import modalities
 
@@ -123,9 +125,13 @@ def _is_text(s: str) -> bool:
 
 
 def manifest_path(raw: str) -> str:
-  """The manifest of a raw layout given as its directory (holding manifest.jsonl) or as the
-  manifest file itself."""
-  return os.path.join(raw, 'manifest.jsonl') if os.path.isdir(raw) else raw
+  """The manifest of a raw layout given as its directory (holding manifest.jsonl, or
+  manifest.jsonl.gz) or as the manifest file itself."""
+  if not os.path.isdir(raw):
+    return raw
+  plain = os.path.join(raw, 'manifest.jsonl')
+  gzipped = plain + '.gz'
+  return gzipped if not os.path.exists(plain) and os.path.exists(gzipped) else plain
 
 
 def id_text(value) -> str | None:
@@ -201,12 +207,47 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
       continue
     full = os.path.join(root, str(rel))
     if not os.path.isfile(full):
-      problems.add('missing file', full, f'{field} file named on {where} does not exist')
+      scheme = str(rel).split('://', 1)[0] if '://' in str(rel) else ''
+      reason = (f'a {scheme}:// address: media are local files, relative to the manifest '
+                f'(download them first)' if scheme.isalpha() else
+                'a directory, not a file' if os.path.isdir(full) else 'does not exist')
+      problems.add('missing file', full if not scheme.isalpha() else str(rel),
+                   f'{field} file named on {where}: {reason}')
       continue
     product[field] = full
   if product['audio'] and product['audio'] == product['video']:
     product['audio_in_video'] = True  # the video's sound track: not stored twice
   return product
+
+
+def _manifest_lines(path: str):
+  """Yields (where, the JSON text of one product as bytes) from a JSONL manifest, gzipped or
+  not, read line by line; or from a file holding one JSON array of products (what a JSON export
+  often writes), whose elements count as its lines."""
+  with open(path, 'rb') as f:
+    gzipped = f.read(2) == b'\x1f\x8b'
+  try:
+    with (gzip.open(path, 'rb') if gzipped else open(path, 'rb')) as f:
+      line_no, line = 1, f.readline().removeprefix(b'\xef\xbb\xbf')  # a Windows byte-order mark
+      while line and not line.strip():
+        line_no, line = line_no + 1, f.readline()
+      if line.lstrip().startswith(b'['):
+        text = (line + f.read()).decode('utf-8', errors='surrogateescape')
+        try:
+          records = json.loads(text)
+        except json.JSONDecodeError as e:
+          raise RawDataError(f'{path}: starts as a JSON array but does not parse ({e}); a '
+                             f'manifest is one JSON object per line, or one array of '
+                             f'them') from None
+        for i, record in enumerate(records, 1):  # re-encoded: lone surrogates as \u escapes
+          yield f'{path}: array element {i}', json.dumps(record).encode('ascii')
+        return
+      while line:
+        if line.strip():
+          yield f'{path}:{line_no}', line
+        line_no, line = line_no + 1, f.readline()
+  except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+    raise RawDataError(f'{path}: a gzip file that does not decompress ({e})') from None
 
 
 def read_manifest(path: str, problems: Problems | None = None) -> list[dict]:
@@ -221,21 +262,15 @@ def read_manifest(path: str, problems: Problems | None = None) -> list[dict]:
     raise RawDataError(f'{path}: manifest not found (expected a JSONL file, see docs/data.md)')
   root = os.path.dirname(os.path.abspath(path))
   products, seen = [], set()
-  with open(path, 'rb') as f:
-    for line_no, line in enumerate(f, 1):
-      if line_no == 1:
-        line = line.removeprefix(b'\xef\xbb\xbf')  # the byte-order mark Windows tools write
-      if not line.strip():
-        continue
-      where = f'{path}:{line_no}'
-      product = _read_product(line, where, root, problems)
-      if product is None:
-        continue
-      if product['item_id'] in seen:
-        problems.add('duplicate item_id', where, f'item_id {product["item_id"]!r} appeared before')
-        continue
-      seen.add(product['item_id'])
-      products.append(product)
+  for where, line in _manifest_lines(path):
+    product = _read_product(line, where, root, problems)
+    if product is None:
+      continue
+    if product['item_id'] in seen:
+      problems.add('duplicate item_id', where, f'item_id {product["item_id"]!r} appeared before')
+      continue
+    seen.add(product['item_id'])
+    products.append(product)
   if not products:
     raise RawDataError(f'{path}: manifest has no usable products '
                        f'({problems.summary_and_first()})')

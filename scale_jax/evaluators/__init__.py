@@ -10,6 +10,7 @@ runs those whose `every` divides the step, on the validation split; `python -m
 scale_jax.evaluate` runs them all on the test split. Adding an evaluator is a module and a line
 in TYPES; the trainer never changes.
 """
+import inspect
 import json
 import math
 
@@ -34,6 +35,11 @@ def from_config(config, names=None) -> dict:
     kind = settings.pop('type')
     if kind not in TYPES:
       raise ValueError(f'config.evals.{name}.type={kind!r}: one of {", ".join(TYPES)}')
+    known = [p for p in inspect.signature(TYPES[kind]).parameters if p not in ('name', 'config')]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:  # a misspelt setting would otherwise be a TypeError from deep in the call
+      raise ValueError(f'config.evals.{name}.{unknown[0]}: not a setting of a {kind} evaluator '
+                       f'(its settings: type, {", ".join(known)})')
     out[name] = TYPES[kind](name, config, **settings)
   return out
 

@@ -22,6 +22,7 @@ import jax
 import tqdm
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from scale_jax import losses, modalities, sharding
@@ -34,12 +35,15 @@ def name(combination) -> str:
   return '+'.join(combination)
 
 
+_DROPPED_WARNED = set()
+
+
 def combinations(config, requested=None) -> list:
   """The requested combinations ('text+image' strings; default config.eval.combinations) that
   the run can form, each a tuple in MODALITIES order ('image+text' is 'text+image'); 'all' is
   the run's modalities."""
   active = modalities.active(config)
-  out = []
+  out, dropped = [], []
   for text in requested or config.eval.combinations:
     chosen = set(active if text == 'all' else text.split('+'))
     unknown = chosen - set(modalities.MODALITIES)
@@ -47,8 +51,14 @@ def combinations(config, requested=None) -> list:
       raise ValueError(f'combination {text!r}: {sorted(unknown)} are not modalities '
                        f'({", ".join(modalities.MODALITIES)})')
     combination = tuple(m for m in modalities.MODALITIES if m in chosen)
-    if chosen <= set(active) and combination not in out:
+    if not chosen <= set(active):
+      dropped.append(text)
+    elif combination not in out:
       out.append(combination)
+  if dropped and out and tuple(dropped) not in _DROPPED_WARNED:  # once, not once per evaluator
+    _DROPPED_WARNED.add(tuple(dropped))
+    logging.warning('combinations %s left out: config.modalities=%s does not have all of their '
+                    'modalities', ', '.join(dropped), active)
   if not out:  # an empty table and a run that reports nothing
     raise ValueError(f'none of the combinations {tuple(requested or config.eval.combinations)} '
                      f'can be formed from config.modalities={active}; e.g. '

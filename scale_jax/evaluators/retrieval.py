@@ -6,6 +6,7 @@ here holds a full queries x gallery matrix: top_k works through blocks of query 
 import math
 
 import numpy as np
+from absl import logging
 from etils import epath
 
 from scale_jax.data import pipeline
@@ -170,6 +171,20 @@ def retrieve(features, keys, ks=KS, query_index=None, gallery_index=None,
   return retrieval_metrics(relevant, num_relevant, ks)
 
 
+def _read_ids(field: str, path: str) -> set:
+  """The item ids of a list file (one per line; blank lines, surrounding spaces and a UTF-8 byte
+  order mark ignored), read when the evaluator is built: a wrong path fails before any feature
+  is computed or any step trained."""
+  try:
+    text = epath.Path(path).read_bytes().decode('utf-8-sig')
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f'{field}={path!r}: cannot read it as a UTF-8 list of item ids ({e})') from e
+  ids = {line.strip() for line in text.splitlines() if line.strip()}
+  if not ids:
+    raise ValueError(f'{field}={path!r}: the file lists no item id (one per line)')
+  return ids
+
+
 class Evaluator(base.Evaluator):
   """Coarse-grained (relevance='category') or fine-grained (relevance='instance') retrieval: each
   product of the evaluated split a query against the others, for every combination.
@@ -190,7 +205,9 @@ class Evaluator(base.Evaluator):
                        f'(same-instance results are what fine-grained retrieval looks for)')
     self.config, self.relevance, self.ks = config, relevance, tuple(ks)
     self.other_instances = bool(other_instances)
-    self.id_files = {'queries': queries, 'gallery': gallery}
+    self.id_lists = {which: _read_ids(f'config.evals.{name}.{which}', path)
+                     for which, path in (('queries', queries), ('gallery', gallery)) if path}
+    self._warned = set()
 
   def describe(self):
     grain = 'coarse' if self.relevance == 'category' else 'fine'
@@ -199,28 +216,32 @@ class Evaluator(base.Evaluator):
             + (' and the other listings of its physical product' if self.other_instances else '')
             + ' excluded; queries without a relevant product left out')
 
-  def _id_rows(self, f, chosen):
-    """Positions (within `chosen`) of the listed item ids, per list; None where none is given."""
-    if not any(self.id_files.values()):
-      return {'queries': None, 'gallery': None}
-    ids = np.asarray(pipeline.item_ids(self.config, f.split, f.rows[chosen]))
+  def _listed(self, f) -> dict:
+    """{'queries'/'gallery': bool [rows of f], whether the product is listed}, for the lists
+    given; warns (once per split) about listed ids the split does not have."""
+    if not self.id_lists:
+      return {}
+    ids = np.asarray(pipeline.item_ids(self.config, f.split, f.rows))
     out = {}
-    for which, path in self.id_files.items():
-      if not path:
-        out[which] = None
-        continue
-      lines = epath.Path(path).read_text(encoding='utf-8').splitlines()
-      listed = {line.strip() for line in lines if line.strip()}
-      out[which] = np.flatnonzero(np.isin(ids, list(listed)))
+    for which, listed in self.id_lists.items():
+      out[which] = np.isin(ids, list(listed))
+      absent = len(listed) - len(set(ids[out[which]]))
+      if absent and (f.split, which) not in self._warned:
+        self._warned.add((f.split, which))
+        logging.warning('config.evals.%s.%s: %d of its %d item ids are not in the %s split%s',
+                        self.name, which, absent, len(listed), f.split,
+                        '; nothing is left to evaluate' if absent == len(listed) else '')
     return out
 
   def __call__(self, context):
     f = context.features()
     keys = f.labels if self.relevance == 'category' else f.instances
+    listed = self._listed(f)
     out = {}
     for combo in self.combination_names():
       chosen = np.flatnonzero(f.has[combo])
-      lists = self._id_rows(f, chosen)
+      lists = {which: np.flatnonzero(listed[which][chosen]) if which in listed else None
+               for which in ('queries', 'gallery')}
       out[combo] = retrieve(f.features[combo][chosen], keys[chosen], self.ks,
                             query_index=lists['queries'], gallery_index=lists['gallery'],
                             groups=f.instances[chosen] if self.other_instances else None)
