@@ -90,8 +90,9 @@ def get_config():
       remat='none',  # per block: 'none', 'full' (recompute all) or 'dots' (keep matmul outputs)
       scan_layers=False,  # one compiled block per encoder, parameters stacked (faster compile)
       # Dense layers' matmuls: 'float32', 'float32_direct_dw' (the kernel gradient in one dot,
-      # without transposed copies; faster on Intel Xeon only) or 'bf16_operands' (bf16 inputs,
-      # f32 accumulation, f32 parameters and gradients; faster on CPUs with AVX512_BF16 only).
+      # without transposed copies; faster on one Intel Xeon only) or 'bf16_operands' (bf16
+      # inputs, f32 accumulation, f32 parameters and gradients; faster on CPUs with AVX512_BF16
+      # or AMX only).
       # Choose per machine with benchmarks/train_step.py --matmul (docs/benchmarks.md).
       matmul='float32',
   )

@@ -80,8 +80,9 @@ def bf16_operands_dot_general(lhs, rhs, dimension_numbers, precision=None,
 # the result, and XLA:CPU materialises the transposed copies of dy (one per layer, the size of
 # the activations) before a slower dot; contracting the token axes of x and dy in one
 # dot_general gives dW straight in the kernel's layout. dx is autodiff's own form. Same
-# arithmetic, same gradients (tests/test_matmul.py). Faster on an Intel Xeon, not on an AMD EPYC
-# (docs/benchmarks.md): an opt-in, chosen per machine by benchmarks/train_step.py --matmul.
+# arithmetic, same gradients (tests/test_matmul.py). Faster on one Intel Xeon, slower on the AMD
+# EPYCs and on an Intel Xeon with AMX (docs/benchmarks.md): an opt-in, chosen per machine by
+# benchmarks/train_step.py --matmul.
 def _contracting(lhs_ndim: int, n: int):
   """Dense/DenseGeneral's dimension numbers: lhs's last n axes with rhs's first n."""
   return ((tuple(range(lhs_ndim - n, lhs_ndim)), tuple(range(n))), ((), ()))
