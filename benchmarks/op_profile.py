@@ -300,7 +300,8 @@ def main(argv):
   dtype = matmul_dtype(f.config)
   ceiling = 1e3 * timing.matmul_ceiling_tflops(dtype)
   ours = profile_ours(f.config, f.steps)
-  report(f'ours (XLA, matmuls in {dtype}; XLA_FLAGS {timing.xla_flags()})', ours, ceiling, f.top)
+  report(f'ours (XLA, matmuls in {dtype}; XLA_FLAGS {timing.xla_flags()}; allocator '
+         f'{timing.allocator()})', ours, ceiling, f.top)
   if f.peer == 'open_clip':
     # pylint: disable-next=import-outside-toplevel
     from benchmarks.open_clip_peer import torch, torch_ceiling_tflops

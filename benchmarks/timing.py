@@ -71,5 +71,14 @@ def xla_flags() -> str:
   return os.environ.get('XLA_FLAGS', '').strip() or 'none'
 
 
+def allocator() -> str:
+  """The malloc this process runs on, for the report: XLA:CPU allocates every step's buffers
+  afresh, and glibc's malloc hands large ones back to the kernel, which faults them in again each
+  step; a preloaded caching allocator (tcmalloc) does not (docs/benchmarks.md)."""
+  preloaded = [os.path.basename(p) for p in os.environ.get('LD_PRELOAD', '').replace(':', ' ')
+               .split() if 'malloc' in os.path.basename(p)]
+  return ', '.join(preloaded) or 'glibc malloc'
+
+
 def peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux

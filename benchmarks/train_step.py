@@ -174,6 +174,7 @@ def main(argv):
           f'{" per device" if len(devices) > 1 else ""} (XLA: arguments, outputs, temporaries); '
           f'compile {run.compile_s:.1f} s', flush=True)
   print(f'peak resident memory of this process: {timing.peak_rss_gb():.2f} GB (all variants)')
+  print(f'allocator of this run: {timing.allocator()}')
   print(f'XLA_FLAGS of this run: {timing.xla_flags()}')
   if len(runs) > 1:  # what to set on this machine (docs/benchmarks.md: it differs by CPU)
     fastest = min(runs, key=lambda label: statistics.median(runs[label].times))

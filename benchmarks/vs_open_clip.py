@@ -83,7 +83,7 @@ def main(argv):
         f'{os.cpu_count()} cores, torch {torch.__version__}, open_clip {open_clip.__version__}; '
         'matmul ceilings (2048^3, best of the rounds, GFLOP/s): '
         + ', '.join(f'{lib} {d} {v:.0f}' for (lib, d), v in best.items())
-        + f'; XLA_FLAGS {ours.xla_flags()}')
+        + f'; XLA_FLAGS {ours.xla_flags()}; allocator {ours.allocator()}')
   for name, seconds in median.items():
     rate = flops / 1e9 / seconds
     fractions = ', '.join(f'{100 * rate / v:.0f}% of {lib} {d}' for (lib, d), v in best.items())

@@ -7,12 +7,15 @@ timed beside each other in one run the way train_step.py times its own variants.
         -- --config configs/clip_peer.py --steps 4 [any other train_step.py flags]
 
 Each --variant is added to this process's own XLA_FLAGS (the first variant is the reference;
-'' is the flags as they are). Every round runs train_step.py once per variant, in turn, so that a
-change in the machine's load hits them alike; each run measures its own matmul ceiling. The
-report: per round, each variant's step time (train_step.py's `step_ms`, the median of its steps),
-its f32 ceiling and the XLA_FLAGS the run reports; then each variant's median over the rounds, its
-speed-up over the first and in how many rounds it was faster, and the fastest here. The last line
-is `speedup <first / second>`. Record results, with the machine, in docs/benchmarks.md.
+'' is the flags as they are). Words of a variant of the form NAME=VALUE with an upper-case NAME
+are set in the run's environment instead, for the other whole-process settings, e.g. a caching
+malloc: --variant 'LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4'. Every round
+runs train_step.py once per variant, in turn, so that a change in the machine's load hits them
+alike; each run measures its own matmul ceiling. The report: per round, each variant's step time
+(train_step.py's `step_ms`, the median of its steps), its f32 ceiling and the allocator and
+XLA_FLAGS the run reports; then each variant's median over the rounds, its speed-up over the
+first and in how many rounds it was faster, and the fastest here. The last line is `speedup
+<first / second>`. Record results, with the machine, in docs/benchmarks.md.
 """
 import os
 import re
@@ -29,19 +32,39 @@ flags.DEFINE_integer('rounds', 2, 'rounds over the variants, each variant once p
 TRAIN_STEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_step.py')
 
 
-def run_train_step(variant: str, args) -> tuple[float, float, str]:
-  """train_step.py with `args` under XLA_FLAGS + variant: its step_ms, its f32 ceiling and the
-  XLA_FLAGS it reports."""
-  env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {variant}'.strip())
+def split_variant(variant: str) -> tuple[dict, str]:
+  """({environment variable: value}, XLA flags) of a variant."""
+  env, xla = {}, []
+  for word in variant.split():
+    name, eq, value = word.partition('=')
+    if eq and re.fullmatch(r'[A-Z][A-Z0-9_]*', name):
+      env[name] = value
+    else:
+      xla.append(word)
+  return env, ' '.join(xla)
+
+
+def label(variant: str) -> str:
+  env, xla = split_variant(variant)
+  return ''.join(f'{k}={v}, ' for k, v in env.items()) + f'XLA_FLAGS + {xla!r}'
+
+
+def run_train_step(variant: str, args) -> tuple[float, float, str, str]:
+  """train_step.py with `args` under the variant: its step_ms, its f32 ceiling, and the
+  allocator and XLA_FLAGS it reports."""
+  extra, xla = split_variant(variant)
+  env = dict(os.environ, **extra, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {xla}'.strip())
   proc = subprocess.run([sys.executable, TRAIN_STEP, *args], env=env, capture_output=True,
                         text=True, check=False)
   step = re.search(r'^step_ms ([0-9.]+)\s*$', proc.stdout, re.MULTILINE)
   if proc.returncode or not step:
-    sys.exit(f'train_step.py under XLA_FLAGS={env["XLA_FLAGS"]!r} failed (exit '
+    sys.exit(f'train_step.py under XLA_FLAGS={env["XLA_FLAGS"]!r} ({label(variant)}) failed (exit '
              f'{proc.returncode}):\n{proc.stderr[-3000:]}')
   ceiling = re.search(r'float32 (\d+) GFLOP/s before, (\d+) after', proc.stdout)
   reported = re.search(r'^XLA_FLAGS of this run: (.*)$', proc.stdout, re.MULTILINE).group(1)
-  return float(step.group(1)), max(float(ceiling.group(1)), float(ceiling.group(2))), reported
+  malloc = re.search(r'^allocator of this run: (.*)$', proc.stdout, re.MULTILINE).group(1)
+  return (float(step.group(1)), max(float(ceiling.group(1)), float(ceiling.group(2))), malloc,
+          reported)
 
 
 def main(argv):
@@ -52,10 +75,11 @@ def main(argv):
   times = {v: [] for v in variants}
   for i in range(flags.FLAGS.rounds):
     for variant in variants:
-      step_ms, ceiling, reported = run_train_step(variant, args)
+      step_ms, ceiling, malloc, reported = run_train_step(variant, args)
       times[variant].append(step_ms)
-      print(f'round {i + 1}, XLA_FLAGS + {variant!r}: step_ms {step_ms:.1f} (f32 ceiling '
-            f'{ceiling:.0f} GFLOP/s; the run\'s XLA_FLAGS: {reported})', flush=True)
+      print(f'round {i + 1}, {label(variant)}: step_ms {step_ms:.1f} (f32 ceiling '
+            f'{ceiling:.0f} GFLOP/s; allocator {malloc}; the run\'s XLA_FLAGS: {reported})',
+            flush=True)
   base = variants[0]
   median = {v: statistics.median(t) for v, t in times.items()}
   print(f'train_step.py {" ".join(args)}; XLA_FLAGS of this process: '
@@ -63,11 +87,11 @@ def main(argv):
   for variant in variants:
     faster = sum(t < b for t, b in zip(times[variant], times[base]))
     rounds = len(times[variant])
-    line = f'XLA_FLAGS + {variant!r}: {median[variant]:.1f} ms/step (median of {rounds} rounds)'
+    line = f'{label(variant)}: {median[variant]:.1f} ms/step (median of {rounds} rounds)'
     if variant != base:
       line += f', {median[base] / median[variant]:.3f}x the first, faster in {faster} of {rounds}'
     print(line)
-  print(f'fastest here: XLA_FLAGS + {min(median, key=median.get)!r}')
+  print(f'fastest here: {label(min(median, key=median.get))}')
   print(f'speedup {median[base] / median[variants[1]]:.3f}')
 
 

@@ -1,11 +1,14 @@
 """benchmarks/train_step.py: one run timing a config on one device and on all four of the suite's
 CPU devices, each against the one machine's matmul ceiling; and asking for more devices than
 there are; an XLA option XLA rejects, and a misspelt --compare. benchmarks/xla_flags.py: the
-same step under two XLA_FLAGS settings, in alternating processes."""
+same step under XLA_FLAGS settings and an environment setting, in alternating processes; the
+allocator each run names."""
 import os
 import re
 import subprocess
 import sys
+
+from benchmarks import timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,11 +92,17 @@ def test_a_misspelt_or_unquoted_compare_is_a_usage_error():
 
 def test_xla_flags_times_each_setting_in_its_own_process_on_top_of_the_callers_flags():
   eigen = '--xla_cpu_experimental_ynn_fusion_type=-individual_dot'
-  proc = run_benchmark('xla_flags.py', '--variant', '', '--variant', eigen, '--rounds', '1', '--',
+  proc = run_benchmark('xla_flags.py', '--variant', '', '--variant', eigen,
+                       '--variant', 'MALLOC_ARENA_MAX=2', '--rounds', '1', '--',
                        '--config', 'configs/tiny.py', '--config.batch_size=8',
                        "--config.modalities=('text', 'image')", '--steps', '1', '--devices', '1')
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
+  # An environment word is set in the run's environment, not given to XLA (which would refuse
+  # it); each run names its allocator.
+  assert re.search(r"^round 1, MALLOC_ARENA_MAX=2, XLA_FLAGS \+ '': step_ms [0-9.]+ \(f32 "
+                   r"ceiling \d+ GFLOP/s; allocator glibc malloc; the run's XLA_FLAGS: ", out,
+                   re.MULTILINE), out
   suite = os.environ['XLA_FLAGS'].strip()
   # Each run reports the flags it ran under: the suite's own, and the variant's after them.
   assert re.search(rf"^round 1, XLA_FLAGS \+ '': step_ms [0-9.]+ .*the run's XLA_FLAGS: "
@@ -111,3 +120,10 @@ def test_xla_flags_times_each_setting_in_its_own_process_on_top_of_the_callers_f
                        '--devices', '1')
   assert proc.returncode != 0
   assert 'train_step.py under XLA_FLAGS=' in proc.stderr and 'xla_no_such_flag' in proc.stderr
+
+
+def test_the_allocator_is_named_from_the_preloaded_libraries(monkeypatch):
+  monkeypatch.setenv('LD_PRELOAD', '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:/x/libz.so')
+  assert timing.allocator() == 'libtcmalloc_minimal.so.4'
+  monkeypatch.delenv('LD_PRELOAD')
+  assert timing.allocator() == 'glibc malloc'
