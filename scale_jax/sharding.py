@@ -62,13 +62,14 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   # Slices are granules on TPU; elsewhere (GPU and CPU hosts) each process is one.
   by_process = not hasattr(devices[0], 'slice_index')
   granules = len({d.process_index if by_process else d.slice_index for d in devices})
-  if int(np.prod(dcn)) not in (1, granules):
+  spanned = int(np.prod(dcn))  # granules the mesh spans
+  if spanned not in (1, granules):
     kind = ('process', 'processes') if by_process else ('slice', 'slices')
     raise ValueError(
-        f'mesh dcn sizes {dict(zip(MESH_AXES, dcn))} multiply to {int(np.prod(dcn))}, but the '
+        f'mesh dcn sizes {dict(zip(MESH_AXES, dcn))} multiply to {spanned}, but the '
         f'devices lie in {granules} {kind[granules > 1]}: the dcn sizes must multiply to that '
         f'number (or all be 1), e.g. --config.mesh.dcn_data={granules}')
-  if int(np.prod(dcn)) > 1:
+  if spanned > 1:
     within = [size // d for size, d in zip(sizes, dcn)]
     array = mesh_utils.create_hybrid_device_mesh(within, dcn, devices,
                                                  process_is_granule=by_process,

@@ -52,8 +52,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
       img.draft(None, (2 * size, 2 * size))
     img = _upright_rgb(img).resize((size, size), Image.BILINEAR)
   except Image.UnidentifiedImageError as e:  # its message names a BytesIO object, not the file
-    raise MediaError('cannot decode image: not in a format Pillow reads' +
-                     (' (the file is empty)' if not data else '')) from e
+    raise MediaError('cannot decode image: not in a format Pillow reads') from e
   except Exception as e:  # PIL raises several unrelated types for corrupt files
     raise MediaError(f'cannot decode image: {e}') from e
   return np.asarray(img, np.float32) / 255.0

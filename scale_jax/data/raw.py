@@ -12,6 +12,7 @@ import gzip
 import json
 import math
 import os
+import re
 import zlib
 
 from scale_jax import modalities
@@ -205,14 +206,14 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
     rel, product[field] = record.get(field), None
     if _is_gap(rel) or not rel:
       continue
-    full = os.path.join(root, str(rel))
+    rel = str(rel)
+    full = os.path.join(root, rel)
     if not os.path.isfile(full):
-      scheme = str(rel).split('://', 1)[0] if '://' in str(rel) else ''
-      reason = (f'a {scheme}:// address: media are local files, relative to the manifest '
-                f'(download them first)' if scheme.isalpha() else
+      url = re.match(r'([A-Za-z]+)://', rel)
+      reason = (f'a {url[1]}:// address: media are local files, relative to the manifest '
+                f'(download them first)' if url else
                 'a directory, not a file' if os.path.isdir(full) else 'does not exist')
-      problems.add('missing file', full if not scheme.isalpha() else str(rel),
-                   f'{field} file named on {where}: {reason}')
+      problems.add('missing file', rel if url else full, f'{field} file named on {where}: {reason}')
       continue
     product[field] = full
   if product['audio'] and product['audio'] == product['video']:
