@@ -74,10 +74,15 @@ def xla_flags() -> str:
 def allocator() -> str:
   """The malloc this process runs on, for the report: XLA:CPU allocates every step's buffers
   afresh, and glibc's malloc hands large ones back to the kernel, which faults them in again each
-  step; a preloaded caching allocator (tcmalloc) does not (docs/benchmarks.md)."""
+  step, unless a preloaded caching allocator (tcmalloc) or glibc's own settings (GLIBC_TUNABLES,
+  MALLOC_*) keep them (docs/benchmarks.md)."""
   preloaded = [os.path.basename(p) for p in os.environ.get('LD_PRELOAD', '').replace(':', ' ')
                .split() if 'malloc' in os.path.basename(p)]
-  return ', '.join(preloaded) or 'glibc malloc'
+  if preloaded:
+    return ', '.join(preloaded)
+  settings = [f'{k}={v}' for k, v in sorted(os.environ.items())
+              if k == 'GLIBC_TUNABLES' or k.startswith('MALLOC_')]
+  return ' '.join(['glibc malloc', *settings])
 
 
 def peak_rss_gb() -> float:

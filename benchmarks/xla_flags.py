@@ -12,8 +12,9 @@ are set in the run's environment instead, for the other whole-process settings, 
 malloc: --variant 'LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4'. Every round
 runs train_step.py once per variant, in turn, so that a change in the machine's load hits them
 alike; each run measures its own matmul ceiling. The report: per round, each variant's step time
-(train_step.py's `step_ms`, the median of its steps), its f32 ceiling and the allocator and
-XLA_FLAGS the run reports; then each variant's median over the rounds, its speed-up over the
+(train_step.py's `step_ms`, the median of its steps), its f32 ceiling, the process's peak
+resident memory (a caching allocator holds more) and the allocator and XLA_FLAGS the run reports;
+then each variant's median over the rounds and its largest peak memory, its speed-up over the
 first and in how many rounds it was faster, and the fastest here. The last line is `speedup
 <first / second>`. Record results, with the machine, in docs/benchmarks.md.
 """
@@ -49,9 +50,9 @@ def label(variant: str) -> str:
   return ''.join(f'{k}={v}, ' for k, v in env.items()) + f'XLA_FLAGS + {xla!r}'
 
 
-def run_train_step(variant: str, args) -> tuple[float, float, str, str]:
-  """train_step.py with `args` under the variant: its step_ms, its f32 ceiling, and the
-  allocator and XLA_FLAGS it reports."""
+def run_train_step(variant: str, args) -> tuple[float, float, float, str, str]:
+  """train_step.py with `args` under the variant: its step_ms, its f32 ceiling, its peak
+  resident memory in GB, and the allocator and XLA_FLAGS it reports."""
   extra, xla = split_variant(variant)
   env = dict(os.environ, **extra, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {xla}'.strip())
   proc = subprocess.run([sys.executable, TRAIN_STEP, *args], env=env, capture_output=True,
@@ -63,8 +64,10 @@ def run_train_step(variant: str, args) -> tuple[float, float, str, str]:
   ceiling = re.search(r'float32 (\d+) GFLOP/s before, (\d+) after', proc.stdout)
   reported = re.search(r'^XLA_FLAGS of this run: (.*)$', proc.stdout, re.MULTILINE).group(1)
   malloc = re.search(r'^allocator of this run: (.*)$', proc.stdout, re.MULTILINE).group(1)
-  return (float(step.group(1)), max(float(ceiling.group(1)), float(ceiling.group(2))), malloc,
-          reported)
+  rss = re.search(r'^peak resident memory of this process: ([0-9.]+) GB', proc.stdout,
+                  re.MULTILINE)
+  return (float(step.group(1)), max(float(ceiling.group(1)), float(ceiling.group(2))),
+          float(rss.group(1)), malloc, reported)
 
 
 def main(argv):
@@ -73,13 +76,15 @@ def main(argv):
     raise app.UsageError("give at least two --variant (e.g. --variant '' --variant '--xla_...')")
   args = argv[1:]  # what follows `--`: train_step.py's own flags
   times = {v: [] for v in variants}
+  memory = {v: [] for v in variants}
   for i in range(flags.FLAGS.rounds):
     for variant in variants:
-      step_ms, ceiling, malloc, reported = run_train_step(variant, args)
+      step_ms, ceiling, rss, malloc, reported = run_train_step(variant, args)
       times[variant].append(step_ms)
+      memory[variant].append(rss)
       print(f'round {i + 1}, {label(variant)}: step_ms {step_ms:.1f} (f32 ceiling '
-            f'{ceiling:.0f} GFLOP/s; allocator {malloc}; the run\'s XLA_FLAGS: {reported})',
-            flush=True)
+            f'{ceiling:.0f} GFLOP/s; peak memory {rss:.2f} GB; allocator {malloc}; the run\'s '
+            f'XLA_FLAGS: {reported})', flush=True)
   base = variants[0]
   median = {v: statistics.median(t) for v, t in times.items()}
   print(f'train_step.py {" ".join(args)}; XLA_FLAGS of this process: '
@@ -87,7 +92,8 @@ def main(argv):
   for variant in variants:
     faster = sum(t < b for t, b in zip(times[variant], times[base]))
     rounds = len(times[variant])
-    line = f'{label(variant)}: {median[variant]:.1f} ms/step (median of {rounds} rounds)'
+    line = (f'{label(variant)}: {median[variant]:.1f} ms/step (median of {rounds} rounds), '
+            f'peak memory {max(memory[variant]):.2f} GB')
     if variant != base:
       line += f', {median[base] / median[variant]:.3f}x the first, faster in {faster} of {rounds}'
     print(line)

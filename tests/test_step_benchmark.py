@@ -99,10 +99,10 @@ def test_xla_flags_times_each_setting_in_its_own_process_on_top_of_the_callers_f
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
   # An environment word is set in the run's environment, not given to XLA (which would refuse
-  # it); each run names its allocator.
+  # it); each run names its peak memory and its allocator, with glibc's settings.
   assert re.search(r"^round 1, MALLOC_ARENA_MAX=2, XLA_FLAGS \+ '': step_ms [0-9.]+ \(f32 "
-                   r"ceiling \d+ GFLOP/s; allocator glibc malloc; the run's XLA_FLAGS: ", out,
-                   re.MULTILINE), out
+                   r"ceiling \d+ GFLOP/s; peak memory [0-9.]+ GB; allocator glibc malloc "
+                   r"MALLOC_ARENA_MAX=2; the run's XLA_FLAGS: ", out, re.MULTILINE), out
   suite = os.environ['XLA_FLAGS'].strip()
   # Each run reports the flags it ran under: the suite's own, and the variant's after them.
   assert re.search(rf"^round 1, XLA_FLAGS \+ '': step_ms [0-9.]+ .*the run's XLA_FLAGS: "
@@ -126,4 +126,7 @@ def test_the_allocator_is_named_from_the_preloaded_libraries(monkeypatch):
   monkeypatch.setenv('LD_PRELOAD', '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:/x/libz.so')
   assert timing.allocator() == 'libtcmalloc_minimal.so.4'
   monkeypatch.delenv('LD_PRELOAD')
+  monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
   assert timing.allocator() == 'glibc malloc'
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=1')
+  assert timing.allocator() == 'glibc malloc GLIBC_TUNABLES=glibc.malloc.arena_max=1'
