@@ -13,9 +13,9 @@ malloc: --variant 'LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 runs train_step.py once per variant, in turn, so that a change in the machine's load hits them
 alike; each run measures its own matmul ceiling. The report: per round, each variant's step time
 (train_step.py's `step_ms`, the median of its steps), its f32 ceiling, the process's peak
-resident memory (a caching allocator holds more) and the allocator and XLA_FLAGS the run reports;
-then each variant's median over the rounds and its largest peak memory, its speed-up over the
-first and in how many rounds it was faster, and the fastest here. The last line is `speedup
+resident memory (an allocator that keeps memory may hold more) and the allocator and XLA_FLAGS
+the run reports; then each variant's median over the rounds and its largest peak memory, its
+speed-up over the first and in how many rounds it was faster, and the fastest here. The last line is `speedup
 <first / second>`. Record results, with the machine, in docs/benchmarks.md.
 """
 import os
