@@ -15,8 +15,8 @@ alike; each run measures its own matmul ceiling. The report: per round, each var
 (train_step.py's `step_ms`, the median of its steps), its f32 ceiling, the process's peak
 resident memory (an allocator that keeps memory may hold more) and the allocator and XLA_FLAGS
 the run reports; then each variant's median over the rounds and its largest peak memory, its
-speed-up over the first and in how many rounds it was faster, and the fastest here. The last line is `speedup
-<first / second>`. Record results, with the machine, in docs/benchmarks.md.
+speed-up over the first and in how many rounds it was faster, and the fastest here. The last
+line is `speedup <first / second>`. Record results, with the machine, in docs/benchmarks.md.
 """
 import os
 import re
