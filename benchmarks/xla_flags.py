@@ -23,6 +23,7 @@ import re
 import statistics
 import subprocess
 import sys
+from typing import NamedTuple
 
 from absl import app, flags
 
@@ -50,9 +51,17 @@ def label(variant: str) -> str:
   return ''.join(f'{k}={v}, ' for k, v in env.items()) + f'XLA_FLAGS + {xla!r}'
 
 
-def run_train_step(variant: str, args) -> tuple[float, float, float, str, str]:
-  """train_step.py with `args` under the variant: its step_ms, its f32 ceiling, its peak
-  resident memory in GB, and the allocator and XLA_FLAGS it reports."""
+class Run(NamedTuple):
+  """What one train_step.py process reports."""
+  step_ms: float
+  ceiling: float  # f32 GFLOP/s, the better of its before and after
+  peak_gb: float  # the process's peak resident memory
+  malloc: str
+  xla_flags: str
+
+
+def run_train_step(variant: str, args) -> Run:
+  """train_step.py with `args` under the variant, and what it reports."""
   extra, xla = split_variant(variant)
   env = dict(os.environ, **extra, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {xla}'.strip())
   proc = subprocess.run([sys.executable, TRAIN_STEP, *args], env=env, capture_output=True,
@@ -61,13 +70,16 @@ def run_train_step(variant: str, args) -> tuple[float, float, float, str, str]:
   if proc.returncode or not step:
     sys.exit(f'train_step.py under XLA_FLAGS={env["XLA_FLAGS"]!r} ({label(variant)}) failed (exit '
              f'{proc.returncode}):\n{proc.stderr[-3000:]}')
+
+  def reported(pattern):
+    return re.search(pattern, proc.stdout, re.MULTILINE).group(1)
+
   ceiling = re.search(r'float32 (\d+) GFLOP/s before, (\d+) after', proc.stdout)
-  reported = re.search(r'^XLA_FLAGS of this run: (.*)$', proc.stdout, re.MULTILINE).group(1)
-  malloc = re.search(r'^allocator of this run: (.*)$', proc.stdout, re.MULTILINE).group(1)
-  rss = re.search(r'^peak resident memory of this process: ([0-9.]+) GB', proc.stdout,
-                  re.MULTILINE)
-  return (float(step.group(1)), max(float(ceiling.group(1)), float(ceiling.group(2))),
-          float(rss.group(1)), malloc, reported)
+  return Run(step_ms=float(step.group(1)),
+             ceiling=max(float(ceiling.group(1)), float(ceiling.group(2))),
+             peak_gb=float(reported(r'^peak resident memory of this process: ([0-9.]+) GB')),
+             malloc=reported(r'^allocator of this run: (.*)$'),
+             xla_flags=reported(r'^XLA_FLAGS of this run: (.*)$'))
 
 
 def main(argv):
@@ -75,16 +87,15 @@ def main(argv):
   if len(variants or []) < 2:
     raise app.UsageError("give at least two --variant (e.g. --variant '' --variant '--xla_...')")
   args = argv[1:]  # what follows `--`: train_step.py's own flags
-  times = {v: [] for v in variants}
-  memory = {v: [] for v in variants}
+  runs = {v: [] for v in variants}
   for i in range(flags.FLAGS.rounds):
     for variant in variants:
-      step_ms, ceiling, rss, malloc, reported = run_train_step(variant, args)
-      times[variant].append(step_ms)
-      memory[variant].append(rss)
-      print(f'round {i + 1}, {label(variant)}: step_ms {step_ms:.1f} (f32 ceiling '
-            f'{ceiling:.0f} GFLOP/s; peak memory {rss:.2f} GB; allocator {malloc}; the run\'s '
-            f'XLA_FLAGS: {reported})', flush=True)
+      run = run_train_step(variant, args)
+      runs[variant].append(run)
+      print(f'round {i + 1}, {label(variant)}: step_ms {run.step_ms:.1f} (f32 ceiling '
+            f'{run.ceiling:.0f} GFLOP/s; peak memory {run.peak_gb:.2f} GB; allocator '
+            f'{run.malloc}; the run\'s XLA_FLAGS: {run.xla_flags})', flush=True)
+  times = {v: [run.step_ms for run in r] for v, r in runs.items()}
   base = variants[0]
   median = {v: statistics.median(t) for v, t in times.items()}
   print(f'train_step.py {" ".join(args)}; XLA_FLAGS of this process: '
@@ -93,7 +104,7 @@ def main(argv):
     faster = sum(t < b for t, b in zip(times[variant], times[base]))
     rounds = len(times[variant])
     line = (f'{label(variant)}: {median[variant]:.1f} ms/step (median of {rounds} rounds), '
-            f'peak memory {max(memory[variant]):.2f} GB')
+            f'peak memory {max(run.peak_gb for run in runs[variant]):.2f} GB')
     if variant != base:
       line += f', {median[base] / median[variant]:.3f}x the first, faster in {faster} of {rounds}'
     print(line)
