@@ -466,6 +466,43 @@ def test_videos_are_turned_by_their_display_matrix():
   assert media.decode_video(mp4(90), 2, 8, fps=2.0)[0][0, -1, :, 0].min() > 0.9  # red below
 
 
+def test_mirrored_videos_are_shown_as_their_display_matrix_says():
+  """A display matrix [a b; c d] takes a stored pixel (x, y), y down, to (a x + c y, b x + d y):
+  mirrorings too, which the rotation angle alone reads as half turns."""
+  import av
+  frame = np.zeros((16, 24, 3), np.uint8)
+  frame[:8, :12] = [255, 0, 0]  # red top left, green top right: the 8 turnings differ
+  frame[:8, 12:] = [0, 255, 0]
+  unit = 1 << 16  # 16.16 fixed point
+
+  def mp4(a, b, c, d):
+    buf = io.BytesIO()
+    with av.open(buf, 'w', format='mp4') as container:
+      stream = container.add_stream('libx264', rate=2)
+      stream.height, stream.width, stream.pix_fmt = 16, 24, 'yuv420p'
+      stream.set_display_matrix([a * unit, b * unit, 0, c * unit, d * unit, 0, 0, 0, 1 << 30])
+      for _ in range(2):
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+      container.mux(stream.encode())
+    return buf.getvalue()
+
+  corners = {'top left': (0, 0), 'top right': (0, -1), 'bottom left': (-1, 0),
+             'bottom right': (-1, -1)}
+  for matrix, red, green in [
+      ((1, 0, 0, 1), 'top left', 'top right'),  # as stored
+      ((-1, 0, 0, 1), 'top right', 'top left'),  # mirrored left to right
+      ((1, 0, 0, -1), 'bottom left', 'bottom right'),  # mirrored top to bottom
+      ((0, 1, 1, 0), 'top left', 'bottom left'),  # mirrored about the main diagonal
+      ((0, -1, -1, 0), 'bottom right', 'top right'),  # about the other diagonal
+      ((0, 1, -1, 0), 'top right', 'bottom right'),  # a quarter turn clockwise (a phone's)
+      ((0, 0, 0, 0), 'top left', 'top right')]:  # a degenerate matrix: shown as stored
+    shown, count = media.decode_video(mp4(*matrix), 2, 8, fps=2.0)
+    assert count == 2
+    for colour, corner in ((0, red), (1, green)):
+      pixel = shown[0][corners[corner]]
+      assert pixel[colour] > 0.9 and pixel[1 - colour] < 0.1, (matrix, corner, pixel)
+
+
 def _small_video(codec, container_format, options) -> bytes:
   """4 s of 30 fps noise that changes every frame, 32 x 24."""
   import av

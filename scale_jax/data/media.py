@@ -230,27 +230,56 @@ def _wanted_frames(container, num_frames: int, fps: float):
       return
 
 
+def _display_matrix(frame) -> np.ndarray | None:
+  """The linear part [[a, b], [c, d]] of a decoded frame's display matrix, or None without one.
+
+  FFmpeg's layout: nine native int32 [a, b, u, c, d, v, x, y, w], a to d in 16.16 fixed point,
+  taking a stored pixel (x, y) (y pointing down) to the shown (a x + c y, b x + d y) plus a shift.
+  PyAV's `frame.rotation` is the angle alone, which reads a mirrored frame as a half turn.
+  """
+  for side_data in frame.side_data:
+    if side_data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+      matrix = np.frombuffer(bytes(side_data), np.int32)
+      return matrix[[0, 1, 3, 4]].reshape(2, 2) if matrix.size == 9 else None
+  return None
+
+
+def _as_displayed(frames: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
+  """Square frames [n, s, s, 3] as a player shows them by `matrix` (`_display_matrix`), snapped
+  to the nearest of the four quarter turns, each mirrored or not."""
+  if matrix is None:
+    return frames
+  (a, b), (c, d) = matrix
+  if abs(b) + abs(c) > abs(a) + abs(d):  # a quarter turn: x and y trade places
+    frames = frames.swapaxes(1, 2)
+    flip_rows, flip_columns = b < 0, c < 0
+  else:
+    flip_rows, flip_columns = d < 0, a < 0
+  return frames[:, ::-1 if flip_rows else 1, ::-1 if flip_columns else 1]
+
+
 def decode_video(data: bytes, num_frames: int, size: int, fps: float) -> tuple[np.ndarray, int]:
   """MP4 bytes -> (float32 [num_frames, size, size, 3] in [0, 1], number of real frames).
 
   Frames are taken about `fps` per second from the start (the paper's one per second), at most
-  num_frames of them; the rest of the array is zeros. They are turned as the file's display
-  matrix says (a phone's portrait video is stored on its side, with a rotation to show it by).
+  num_frames of them; the rest of the array is zeros. They are turned and mirrored as the file's
+  display matrix says (a phone's portrait video is stored on its side, with a rotation to show it
+  by; a front camera's may be stored mirrored).
   """
   out = np.zeros((num_frames, size, size, 3), np.float32)
-  frames, rotation = [], 0
+  frames, shown_by = [], None
   try:
     # An ISO media file (MP4, MOV): name the demuxer FFmpeg's probing would pick, unprobed.
     with av.open(io.BytesIO(data), format='mp4' if data[4:8] == b'ftyp' else None) as container:
       for frame in _wanted_frames(container, num_frames, fps):
         frames.append(_yuv_planes(frame))
-        rotation = frame.rotation  # degrees counterclockwise, from the display matrix
+        shown_by = _display_matrix(frame)
   except (av.FFmpegError, IndexError, ValueError) as e:
     raise MediaError(f'cannot decode video: {e}') from e
   if not frames:
     raise MediaError('video has no frames')
   # Turned after the resize: the frames are square by then, and it is the same pixels.
-  out[:len(frames)] = np.rot90(_frames_to_rgb(frames, size), k=round(rotation / 90), axes=(1, 2))
+  out[:len(frames)] = _as_displayed(_frames_to_rgb(frames, size), shown_by)
   return out, len(frames)
 
 
