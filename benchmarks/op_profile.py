@@ -37,6 +37,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import timing
+from scale_jax import cli
 from scale_jax.train import matmul_dtype
 
 config_flags.DEFINE_config_file('config', 'configs/clip_peer.py', 'config file (configs/*.py)',
@@ -312,4 +313,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  # A failed config check in one line, not a traceback; a misspelt override named.
+  app.run(cli.user_errors_in_one_line(main), flags_parser=cli.parse_flags)

@@ -43,7 +43,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import timing
-from scale_jax import run_config
+from scale_jax import cli, run_config
 from scale_jax.train import matmul_dtype, peak_of_devices
 
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'config file (configs/*.py)',
@@ -184,4 +184,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  # A failed config check in one line, not a traceback; a misspelt override named.
+  app.run(cli.user_errors_in_one_line(main), flags_parser=cli.parse_flags)

@@ -33,6 +33,7 @@ from ml_collections import config_flags
 from benchmarks import open_clip_peer
 from benchmarks import timing as ours
 from benchmarks.open_clip_peer import open_clip, torch
+from scale_jax import cli
 from scale_jax.train import matmul_dtype
 
 config_flags.DEFINE_config_file('config', 'configs/clip_peer.py', 'config file (configs/*.py)',
@@ -93,4 +94,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  # A failed config check in one line, not a traceback; a misspelt override named.
+  app.run(cli.user_errors_in_one_line(main), flags_parser=cli.parse_flags)

@@ -55,6 +55,21 @@ def raised_for_the_user(error: BaseException) -> bool:
   return os.path.abspath(frame.tb_frame.f_code.co_filename).startswith(_PACKAGE + os.sep)
 
 
+def user_errors_in_one_line(fn):
+  """fn, made to print an error raised for the user (a failed config check, a bad file named with
+  what to do) as one line and exit 1; every other error keeps its traceback."""
+  def wrapped(*args):
+    try:
+      return fn(*args)
+    except Exception as e:  # pylint: disable=broad-except
+      if not (isinstance(e, (FloatingPointError, config_check.ConfigError))
+              or raised_for_the_user(e)):
+        raise
+      print(f'error: {e}', file=sys.stderr, flush=True)  # the message says it all
+      sys.exit(1)
+  return wrapped
+
+
 def with_saved_config(argv):
   """argv, plus `--config=<run_config.py>:RUN` when it names no --config and RUN/config.json
   exists, so that the run's own config is loaded (and --config.x=y overrides apply to it)."""
@@ -118,13 +133,6 @@ def run(fn):
       # CPU processes need gloo for cross-process collectives; other platforms ignore this.
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
       jax.distributed.initialize(**args)
-    try:
-      fn(f.config, f.workdir)
-    except Exception as e:  # pylint: disable=broad-except
-      if not (isinstance(e, (FloatingPointError, config_check.ConfigError))
-              or raised_for_the_user(e)):
-        raise
-      print(f'error: {e}', file=sys.stderr, flush=True)  # the message says it all
-      sys.exit(1)
+    user_errors_in_one_line(fn)(f.config, f.workdir)
 
   app.run(main, argv=with_saved_config(sys.argv), flags_parser=parse_flags)

@@ -1,8 +1,8 @@
 """benchmarks/train_step.py: one run timing a config on one device and on all four of the suite's
 CPU devices, each against the one machine's matmul ceiling; and asking for more devices than
-there are; an XLA option XLA rejects, and a misspelt --compare. benchmarks/xla_flags.py: the
-same step under XLA_FLAGS settings and an environment setting, in alternating processes; the
-allocator each run names."""
+there are; an XLA option XLA rejects, a misspelt --compare, and a config its check rejects.
+benchmarks/xla_flags.py: the same step under XLA_FLAGS settings and an environment setting, in
+alternating processes; the allocator each run names."""
 import os
 import re
 import subprocess
@@ -88,6 +88,16 @@ def test_a_misspelt_or_unquoted_compare_is_a_usage_error():
   proc = run('model.matmul=bf16_operands')
   assert proc.returncode != 0
   assert "'bf16_operands' is not a Python literal; quote a string" in proc.stderr
+
+
+def test_a_config_the_check_rejects_is_one_error_line():
+  # A quoted string override: ml_collections keeps the quotes, the config check names the field.
+  proc = run_benchmark('train_step.py', '--config', 'configs/tiny.py', '--steps', '1',
+                       "--config.model.dtype='float32'")
+  assert proc.returncode == 1
+  assert proc.stderr.startswith('error: the config cannot run:'), proc.stderr[-3000:]
+  assert 'config.model.dtype="\'float32\'": one of float32, bfloat16' in proc.stderr
+  assert 'Traceback' not in proc.stderr
 
 
 def test_xla_flags_times_each_setting_in_its_own_process_on_top_of_the_callers_flags():
