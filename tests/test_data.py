@@ -1,3 +1,4 @@
+import fractions
 import gzip
 import io
 import json
@@ -501,6 +502,36 @@ def test_mirrored_videos_are_shown_as_their_display_matrix_says():
     for colour, corner in ((0, red), (1, green)):
       pixel = shown[0][corners[corner]]
       assert pixel[colour] > 0.9 and pixel[1 - colour] < 0.1, (matrix, corner, pixel)
+
+
+def test_video_frames_are_taken_from_the_streams_start_not_from_time_zero():
+  """A clip cut from a longer stream keeps its clock: its first frame is shown at 10 s (MP4) or
+  at 1 s (an MPEG-TS muxer's default). Frames one second apart from the first are taken, not
+  the first ones in a row (each already after 0, 1, 2 ... s)."""
+  import av
+  rate = 2
+
+  def clip(container_format, start_s):
+    buf = io.BytesIO()
+    with av.open(buf, 'w', format=container_format) as container:
+      stream = container.add_stream('libx264', rate=rate)
+      stream.height, stream.width, stream.pix_fmt = 16, 16, 'yuv420p'
+      for i in range(16):  # frame i is grey 10 * i
+        frame = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 10 * i, np.uint8), 'rgb24')
+        frame.pts, frame.time_base = start_s * rate + i, fractions.Fraction(1, rate)
+        container.mux(stream.encode(frame))
+      container.mux(stream.encode())
+    return buf.getvalue()
+
+  for container_format, start_s in [('mp4', 0), ('mp4', 10), ('mpegts', 0)]:
+    data = clip(container_format, start_s)
+    with av.open(io.BytesIO(data)) as container:
+      first = next(container.decode(video=0)).time
+    assert first >= start_s
+    frames, count = media.decode_video(data, 4, 8, fps=1.0)
+    assert count == 4
+    greys = 255 * frames.mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(greys, [0, 20, 40, 60], atol=3, err_msg=(container_format, first))
 
 
 def _small_video(codec, container_format, options) -> bytes:

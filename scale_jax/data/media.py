@@ -165,8 +165,8 @@ _EPSILON_S = 1e-6  # frame times are rationals; a frame this close to a wanted t
 
 def _wanted_frames(container, num_frames: int, fps: float):
   """Yields the frames decode_video takes from the container's first video stream: the first
-  frame at or after each of 0, 1/fps, 2/fps, ... seconds, at most num_frames, and every frame
-  without a time.
+  frame at or after each of 0, 1/fps, 2/fps, ... seconds from the stream's start, at most
+  num_frames, and every frame without a time.
 
   They are the frames decoding every frame in turn would give, bit for bit, for less work. Before
   each wanted time the decoder starts afresh at the last keyframe at or before it, if that lies
@@ -206,7 +206,10 @@ def _wanted_frames(container, num_frames: int, fps: float):
     last = seconds(packets[-1].dts) if packets else None
     return last is not None and last > time
 
-  taken, wanted, position = 0, 0.0, 0  # position: the next packet to decode
+  # Times count from the stream's first frame, not from 0: a cut from a broadcast or a stream's
+  # segment keeps its source's clock (an MPEG-TS starts at 1 s or more, a clip cut at 10 s there).
+  start = max(0.0, seconds(stream.start_time) or 0.0)
+  taken, wanted, position = 0, start, 0  # position: the next packet to decode
   while taken < num_frames:
     # Every keyframe shown by the wanted time has been read once a packet decodes after it (a
     # keyframe's pts is no less than its dts, and dts grow).
