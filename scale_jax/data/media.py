@@ -207,7 +207,7 @@ def _wanted_frames(container, num_frames: int, fps: float):
     return last is not None and last > time
 
   # Times count from the stream's first frame, not from 0: a cut from a broadcast or a stream's
-  # segment keeps its source's clock (an MPEG-TS starts at 1 s or more, a clip cut at 10 s there).
+  # segment keeps its source's clock (an MPEG-TS often starts at 1 s, a clip cut at 10 s there).
   start = max(0.0, seconds(stream.start_time) or 0.0)
   taken, wanted, position = 0, start, 0  # position: the next packet to decode
   while taken < num_frames:
@@ -267,7 +267,7 @@ def decode_video(data: bytes, num_frames: int, size: int, fps: float) -> tuple[n
   Frames are taken about `fps` per second from the start (the paper's one per second), at most
   num_frames of them; the rest of the array is zeros. They are turned and mirrored as the file's
   display matrix says (a phone's portrait video is stored on its side, with a rotation to show it
-  by; a front camera's may be stored mirrored).
+  by; the matrix may also mirror it).
   """
   out = np.zeros((num_frames, size, size, 3), np.float32)
   frames, shown_by = [], None
