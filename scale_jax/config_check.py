@@ -1,7 +1,7 @@
 """Checks a run's config before any work starts: every problem at once, each message naming the
 field and a value that works (a shape error inside a Grain worker or a silently truncated head
 names nothing)."""
-from scale_jax import losses, modalities, sharding
+from scale_jax import losses, modalities, sharding, state
 from scale_jax.model import layers
 
 
@@ -67,8 +67,9 @@ def _optimizer_problems(o) -> list:
       span = f'{">=" if low_allowed else ">"} {low}' + ('' if high is None else f' and < {high}')
       problems.append(f'config.optimizer.{field}={value} must be {span}; e.g. '
                       f'--config.optimizer.{field}={example}')
-  if o.get('decay') not in ('cosine', 'linear'):
-    problems.append(f'config.optimizer.decay={o.get("decay")!r}: one of cosine, linear')
+  if o.get('decay') not in state.DECAY_SCHEDULES:
+    problems.append(f'config.optimizer.decay={o.get("decay")!r}: one of '
+                    f'{", ".join(state.DECAY_SCHEDULES)}')
   return problems
 
 

@@ -61,18 +61,22 @@ def scale_by_lr_multipliers(rules) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+# optimizer.decay -> the schedule after warm-up, from the peak lr over `steps`.
+DECAY_SCHEDULES = {
+    'cosine': lambda lr, steps: optax.cosine_decay_schedule(lr, steps, alpha=0.01),  # to 1%
+    'linear': lambda lr, steps: optax.linear_schedule(lr, 0.0, steps),  # the paper's, to 0
+}
+
+
 def make_optimizer(config):
   """AdamW with linear warm-up then cosine (to 1% of the peak) or linear (to 0) decay, global-norm
   clipping, no weight decay on biases, norms and embeddings (only on `kernel`s), and per-parameter
   learning-rate multipliers (config.optimizer.lr_multipliers)."""
   o = config.optimizer
   decay_steps = max(config.total_steps - o.warmup_steps, 1)
-  if o.decay == 'cosine':
-    decay = optax.cosine_decay_schedule(o.lr, decay_steps, alpha=0.01)
-  elif o.decay == 'linear':  # the paper's schedule
-    decay = optax.linear_schedule(o.lr, 0.0, decay_steps)
-  else:
-    raise ValueError(f"optimizer.decay must be 'cosine' or 'linear', not {o.decay!r}")
+  if o.decay not in DECAY_SCHEDULES:
+    raise ValueError(f'optimizer.decay must be one of {list(DECAY_SCHEDULES)}, not {o.decay!r}')
+  decay = DECAY_SCHEDULES[o.decay](o.lr, decay_steps)
   schedule = optax.join_schedules(
       [optax.linear_schedule(0.0, o.lr, o.warmup_steps), decay], [o.warmup_steps])
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
