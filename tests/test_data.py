@@ -673,6 +673,15 @@ def test_dataset_splits_and_tokenizer(data_dir):
   assert tok.decode(ex['caption_tokens'].tolist())  # round-trips to text
 
 
+def test_text_spelling_a_special_token_is_text(tmp_path):
+  sentences = [f'wallet {i} new sale [{i % 7}] leather' for i in range(200)]
+  tok = tokenizer.train_tokenizer(sentences, str(tmp_path / 'tok.model'), vocab_size=400)
+  title = 'wallet [MASK] sale [SEP] 包邮 [CLS] [PAD]'
+  ids = tok.encode(title)
+  assert not set(ids) & set(modalities.base.SPECIAL_IDS)
+  assert tok.decode(ids) == title
+
+
 def test_batches_have_the_documented_shapes(config):
   batch = next(iter(pipeline.train_dataset(config)))
   spec = modalities.dummy_batch(config, config.batch_size)

@@ -29,7 +29,9 @@ def train_tokenizer(sentences: list, model_path: str, vocab_size: int,
       model_type='unigram', character_coverage=0.9995, hard_vocab_limit=False,
       byte_fallback=True,  # rare characters (Chinese has thousands) become bytes, not <unk>
       pad_id=PAD, pad_piece='[PAD]', unk_id=UNK, bos_id=-1, eos_id=-1,
-      user_defined_symbols=['[CLS]', '[SEP]', '[MASK]'], minloglevel=2)
+      # Control symbols, not user-defined ones: those are also matched in the text, so a title
+      # holding the letters "[MASK]" or "[SEP]" would bring the objective's own tokens.
+      control_symbols=['[CLS]', '[SEP]', '[MASK]'], minloglevel=2)
   with open(model_path, 'wb') as f:
     f.write(model.getvalue())
   return load_tokenizer(model_path)
