@@ -70,6 +70,20 @@ def test_manifest_as_spreadsheet_tools_write_it(tmp_path):
   assert not raw.has_modality(products['p2'], 'table') and raw.has_modality(products['p2'], 'image')
 
 
+def test_media_paths_written_on_windows_name_the_same_files(tmp_path):
+  (tmp_path / 'videos').mkdir()
+  (tmp_path / 'videos' / 'v.mp4').write_bytes(b'not checked by read_manifest')
+  path = _manifest(tmp_path, [
+      rb'{"item_id": "p0", "label": 1, "video": "videos\\v.mp4", "audio": "videos/v.mp4"}',
+      rb'{"item_id": "p1", "label": 1, "video": ".\\videos\\v.mp4", "image": "a.jpg"}',
+  ])
+  problems = raw.Problems()
+  p0, p1 = raw.read_manifest(path, problems)
+  assert not problems
+  assert p0['video'] == p1['video'] == str(tmp_path / 'videos' / 'v.mp4')
+  assert p0['audio_in_video']  # one file, however its two paths are written
+
+
 def test_a_manifest_with_nothing_usable_names_the_first_problem(tmp_path):
   path = _manifest(tmp_path, [b'{"item_id": "p0", "caption": "no label"}', b'[1, 2]'])
   with pytest.raises(raw.RawDataError) as error:

@@ -207,7 +207,9 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
     if _is_gap(rel) or not rel:
       continue
     rel = str(rel)
-    full = os.path.join(root, rel)
+    full = os.path.normpath(os.path.join(root, rel))  # ./a.jpg and a.jpg: one file
+    if not os.path.isfile(full) and '\\' in rel:  # a manifest written on Windows: images\a.jpg
+      full = os.path.normpath(os.path.join(root, rel.replace('\\', '/')))
     if not os.path.isfile(full):
       url = re.match(r'([A-Za-z]+)://', rel)
       reason = (f'a {url[1]}:// address: media are local files, relative to the manifest '
