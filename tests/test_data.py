@@ -4,6 +4,7 @@ import io
 import json
 import os
 import shutil
+import struct
 
 import jax
 import numpy as np
@@ -432,6 +433,63 @@ def test_images_are_read_as_the_shop_shows_them():
   eight_bit = Image.fromarray((grey // 257).astype(np.uint8)).convert('RGB')
   np.testing.assert_allclose(media.decode_image(_encoded(Image.fromarray(grey), 'PNG'), 4),
                              media.decode_image(_encoded(eight_bit, 'PNG'), 4), atol=1 / 255)
+
+
+def _display_profile(columns, gamma: float) -> bytes:
+  """An ICC v2 display profile: RGB colorants (the D50 XYZ of full red, green and blue) and one
+  gamma for all three channels, laid out as the ICC specification says."""
+  def s15(x):
+    return struct.pack('>i', round(x * 65536))
+
+  def xyz(v):
+    return b'XYZ \0\0\0\0' + b''.join(map(s15, v))
+
+  d50, name = (0.9642, 1.0, 0.8249), b'test RGB\0'
+  curve = b'curv\0\0\0\0' + struct.pack('>IH', 1, round(gamma * 256))
+  tags = [(b'desc', b'desc\0\0\0\0' + struct.pack('>I', len(name)) + name + b'\0' * 79),
+          (b'wtpt', xyz(d50)), (b'cprt', b'text\0\0\0\0none\0'),
+          *zip((b'rXYZ', b'gXYZ', b'bXYZ'), map(xyz, columns)),
+          *((sig, curve) for sig in (b'rTRC', b'gTRC', b'bTRC'))]
+  offset, table, body = 128 + 4 + 12 * len(tags), b'', b''
+  for sig, data in tags:
+    data += b'\0' * (-len(data) % 4)
+    table += sig + struct.pack('>II', offset + len(body), len(data))
+    body += data
+  header = (struct.pack('>I', offset + len(body)) + b'\0' * 4 + bytes([2, 0x10, 0, 0]) +
+            b'mntrRGB XYZ ' + b'\0' * 12 + b'acsp' + b'\0' * 28 + b''.join(map(s15, d50)) +
+            b'\0' * 48)
+  return header + struct.pack('>I', len(tags)) + table + body
+
+
+def test_image_colours_are_converted_to_srgb_by_their_embedded_profile():
+  from PIL import Image, ImageCms
+  # Adobe RGB (1998) and sRGB: their D50 colorants (ICC) and sRGB's encoding.
+  adobe = np.array([(0.6097, 0.3111, 0.0195), (0.2053, 0.6257, 0.0609),
+                    (0.1492, 0.0632, 0.7446)]).T
+  srgb = np.array([(0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971),
+                   (0.1431, 0.0606, 0.7141)]).T
+  profile = _display_profile(adobe.T, 563 / 256)
+  for stored in ([60, 160, 60], [200, 120, 40], [128, 128, 128]):
+    linear = np.clip(np.linalg.solve(srgb, adobe @ (np.array(stored) / 255) ** (563 / 256)), 0, 1)
+    shown = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    img = Image.new('RGB', (16, 16), tuple(stored))
+    for fmt in ('PNG', 'JPEG'):
+      tolerance = 2 / 255 if fmt == 'PNG' else 4 / 255  # JPEG: its own rounding on top
+      decoded = media.decode_image(_encoded(img, fmt, icc_profile=profile), 4)
+      np.testing.assert_allclose(decoded, np.broadcast_to(shown, decoded.shape), atol=tolerance)
+      # Without a profile, or with one that cannot be read, the colours are taken as sRGB.
+      for icc in ({}, {'icc_profile': b'not a colour profile'}):
+        np.testing.assert_allclose(media.decode_image(_encoded(img, fmt, **icc), 4),
+                                   np.broadcast_to(np.array(stored) / 255, decoded.shape),
+                                   atol=tolerance)
+  # An sRGB profile (most JPEGs embed one) changes nothing, so no transform is paid for.
+  srgb_profile = ImageCms.ImageCmsProfile(ImageCms.createProfile('sRGB')).tobytes()
+  assert media._srgb_transform(srgb_profile, 'RGB') is None
+  assert media._srgb_transform(profile, 'RGB') is not None
+  # An RGB profile on a grey image does not fit it: ignored, as a browser does.
+  grey = Image.new('L', (16, 16), 90)
+  np.testing.assert_allclose(media.decode_image(_encoded(grey, 'PNG', icc_profile=profile), 4),
+                             90 / 255, atol=1e-6)
 
 
 def test_a_large_jpeg_decodes_at_a_reduced_scale_to_the_same_pixels():
