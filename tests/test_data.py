@@ -539,6 +539,41 @@ def test_videos_are_turned_by_their_display_matrix():
   assert media.decode_video(mp4(90), 2, 8, fps=2.0)[0][0, -1, :, 0].min() > 0.9  # red below
 
 
+def test_video_colours_are_read_by_the_streams_yuv_matrix():
+  """BT.709 (HD, phones) and BT.601 turn RGB into YUV differently; a stream says which, and an
+  untagged one is read as players read it: BT.709 from 1280 x 720 on."""
+  import av
+  colour = np.array([200, 60, 40]) / 255
+  matrices = {'bt709': (0.2126, 0.0722), 'bt601': (0.299, 0.114)}
+
+  def mp4(matrix, tag, height, width):
+    kr, kb = matrices[matrix]
+    luma = kr * colour[0] + (1 - kr - kb) * colour[1] + kb * colour[2]
+    yuv = np.empty((height * 3 // 2, width), np.uint8)  # yuv420p, limited range
+    yuv[:height] = round(16 + 219 * luma)
+    yuv[height:height * 5 // 4] = round(128 + 224 * (colour[2] - luma) / (2 * (1 - kb)))
+    yuv[height * 5 // 4:] = round(128 + 224 * (colour[0] - luma) / (2 * (1 - kr)))
+    buf = io.BytesIO()
+    with av.open(buf, 'w', format='mp4') as container:
+      stream = container.add_stream('libx264', rate=2)
+      stream.height, stream.width, stream.pix_fmt = height, width, 'yuv420p'
+      if tag is not None:
+        stream.codec_context.colorspace = tag
+      for _ in range(2):
+        frame = av.VideoFrame.from_ndarray(yuv, format='yuv420p')
+        if tag is not None:
+          frame.colorspace = tag
+        container.mux(stream.encode(frame))
+      container.mux(stream.encode())
+    return buf.getvalue()
+
+  for matrix, tag, height, width in [('bt709', 1, 16, 16), ('bt601', 5, 720, 1280),
+                                     ('bt601', None, 16, 16), ('bt709', None, 720, 1280)]:
+    shown, _ = media.decode_video(mp4(matrix, tag, height, width), 1, 4, fps=2.0)
+    np.testing.assert_allclose(shown[0], np.broadcast_to(colour, (4, 4, 3)), atol=3 / 255,
+                               err_msg=f'{matrix} tagged {tag}, {width} x {height}')
+
+
 def test_mirrored_videos_are_shown_as_their_display_matrix_says():
   """A display matrix [a b; c d] takes a stored pixel (x, y), y down, to (a x + c y, b x + d y):
   mirrorings too, which the rotation angle alone reads as half turns."""

@@ -97,8 +97,22 @@ def _plane(plane) -> np.ndarray:
   return rows.reshape(plane.height, plane.line_size)[:, :plane.width].copy()
 
 
+# (Kr, Kb) of the YUV matrix each of FFmpeg's colour spaces (AVColorSpace) names.
+_BT601, _BT709 = (0.299, 0.114), (0.2126, 0.0722)
+_YUV_MATRICES = {1: _BT709, 4: (0.30, 0.11), 5: _BT601, 6: _BT601, 7: (0.212, 0.087),
+                 9: (0.2627, 0.0593), 10: (0.2627, 0.0593)}
+
+
+def _yuv_matrix(frame) -> tuple[float, float]:
+  """(Kr, Kb) of the frame's YUV: as its stream says; untagged, what players assume (mpv's rule):
+  BT.709 for HD (at least 1280 wide or more than 576 high), BT.601 below."""
+  guess = _BT709 if frame.width >= 1280 or frame.height > 576 else _BT601
+  return _YUV_MATRICES.get(frame.colorspace, guess)
+
+
 def _yuv_planes(frame) -> tuple:
-  """A decoded frame -> (Y, U, V uint8 planes, limited range?), in yuv420p."""
+  """A decoded frame -> (Y, U, V uint8 planes, limited range?, (Kr, Kb)), in yuv420p."""
+  matrix = _yuv_matrix(frame)
   if frame.format.name != 'yuv420p':
     frame = frame.reformat(format='yuv420p')
   if any(p.line_size <= 0 for p in frame.planes):  # bottom-up rows: let PyAV unpack them
@@ -107,7 +121,8 @@ def _yuv_planes(frame) -> tuple:
     planes = (yuv[:h], *yuv[h:].reshape(2, h // 2, w // 2))
   else:
     planes = tuple(_plane(p) for p in frame.planes)
-  return (*planes, frame.color_range != 2)  # limited ("MPEG") range: the H.264 default
+  # limited ("MPEG") range: the H.264 default
+  return (*planes, frame.color_range != 2, matrix)
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,8 +183,8 @@ def _frames_to_rgb(frames: list, size: int) -> np.ndarray:
   """Frames from _yuv_planes -> float32 RGB [n, size, size, 3] in [0, 1].
 
   Resizes the Y, U and V planes first (uint8, PIL; all frames at once) and converts to RGB
-  (BT.601) at the small size, in numpy: swscale's conversion costs several times the decoding
-  itself at these sizes.
+  (by each frame's YUV matrix) at the small size, in numpy: swscale's conversion costs several
+  times the decoding itself at these sizes.
   """
   if len({(f[0].shape, f[1].shape) for f in frames}) > 1:  # the frame size changed mid-stream
     return np.concatenate([_frames_to_rgb([f], size) for f in frames])
@@ -184,7 +199,11 @@ def _frames_to_rgb(frames: list, size: int) -> np.ndarray:
     y[limited] = (y[limited] - 16.0) * (255.0 / 219.0)
     u[limited] *= 255.0 / 224.0
     v[limited] *= 255.0 / 224.0
-  rgb = np.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u], axis=-1)
+  kr, kb = np.array([f[4] for f in frames]).T[:, :, None, None]  # each [n, 1, 1]
+  kg = 1.0 - kr - kb
+  rgb = np.stack([y + 2 * (1 - kr) * v,
+                  y - (2 * kb * (1 - kb) / kg) * u - (2 * kr * (1 - kr) / kg) * v,
+                  y + 2 * (1 - kb) * u], axis=-1)
   return np.clip(rgb, 0.0, 255.0) / 255.0
 
 
