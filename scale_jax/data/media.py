@@ -5,6 +5,7 @@ file name.
 """
 import functools
 import io
+import typing
 import wave as wave_file
 import zipfile
 
@@ -110,8 +111,17 @@ def _yuv_matrix(frame) -> tuple[float, float]:
   return _YUV_MATRICES.get(frame.colorspace, guess)
 
 
-def _yuv_planes(frame) -> tuple:
-  """A decoded frame -> (Y, U, V uint8 planes, limited range?, (Kr, Kb)), in yuv420p."""
+class _YuvFrame(typing.NamedTuple):
+  """A decoded frame in yuv420p and how to read its colours."""
+  y: np.ndarray  # uint8 planes
+  u: np.ndarray
+  v: np.ndarray
+  limited: bool  # limited ("MPEG") range, Y in 16..235: the H.264 default
+  matrix: tuple[float, float]  # (Kr, Kb), _yuv_matrix
+
+
+def _yuv_planes(frame) -> _YuvFrame:
+  """A decoded frame -> its _YuvFrame."""
   matrix = _yuv_matrix(frame)
   if frame.format.name != 'yuv420p':
     frame = frame.reformat(format='yuv420p')
@@ -121,8 +131,7 @@ def _yuv_planes(frame) -> tuple:
     planes = (yuv[:h], *yuv[h:].reshape(2, h // 2, w // 2))
   else:
     planes = tuple(_plane(p) for p in frame.planes)
-  # limited ("MPEG") range: the H.264 default
-  return (*planes, frame.color_range != 2, matrix)
+  return _YuvFrame(*planes, limited=frame.color_range != 2, matrix=matrix)
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,20 +195,20 @@ def _frames_to_rgb(frames: list, size: int) -> np.ndarray:
   (by each frame's YUV matrix) at the small size, in numpy: swscale's conversion costs several
   times the decoding itself at these sizes.
   """
-  if len({(f[0].shape, f[1].shape) for f in frames}) > 1:  # the frame size changed mid-stream
+  if len({(f.y.shape, f.u.shape) for f in frames}) > 1:  # the frame size changed mid-stream
     return np.concatenate([_frames_to_rgb([f], size) for f in frames])
   n = len(frames)
-  y = _resize_planes(np.stack([f[0] for f in frames]), size)
-  uv = _resize_planes(np.stack([f[1] for f in frames] + [f[2] for f in frames]), size)
+  y = _resize_planes(np.stack([f.y for f in frames]), size)
+  uv = _resize_planes(np.stack([f.u for f in frames] + [f.v for f in frames]), size)
   u, v = uv[:n] - 128.0, uv[n:] - 128.0
-  limited = np.array([f[3] for f in frames])
+  limited = np.array([f.limited for f in frames])
   if limited.all():  # Y in 16..235
     y, u, v = (y - 16.0) * (255.0 / 219.0), u * (255.0 / 224.0), v * (255.0 / 224.0)
   elif limited.any():
     y[limited] = (y[limited] - 16.0) * (255.0 / 219.0)
     u[limited] *= 255.0 / 224.0
     v[limited] *= 255.0 / 224.0
-  kr, kb = np.array([f[4] for f in frames]).T[:, :, None, None]  # each [n, 1, 1]
+  kr, kb = np.array([f.matrix for f in frames]).T[:, :, None, None]  # each [n, 1, 1]
   kg = 1.0 - kr - kb
   rgb = np.stack([y + 2 * (1 - kr) * v,
                   y - (2 * kb * (1 - kb) / kg) * u - (2 * kr * (1 - kr) / kg) * v,
