@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import unicodedata
 
 import numpy as np
 import pytest
@@ -125,6 +126,41 @@ def test_string_instance_ids_and_category_names(catalogue, tmp_path):
   assert sorted(ids.pop() for ids in dense.values()) == list(range(len(dense)))
 
 
+def test_ids_and_labels_differing_only_in_spacing_or_unicode_form_are_one(catalogue, tmp_path):
+  # As hand-kept spreadsheets write them: a stray space, a non-breaking one, "café" typed on a Mac
+  # (e + combining accent, NFD) and on Windows (é, NFC). Case is the catalogue's own: "Hats" and
+  # "hats" stay two categories.
+  spellings = {0: ['shoes', ' shoes', 'shoes\u00a0'], 1: ['caf\u00e9', 'cafe\u0301'],
+               2: ['hats', 'Hats'], 3: ['day  bags', 'day bags ']}
+  def respelled(r, i, root):
+    names = spellings[r['label']]
+    spaced = f'inst{r["instance_id"]}' + ' ' * (i % 2)
+    return dict(r, label=names[i % len(names)], instance_id=spaced)
+  _edited(catalogue, tmp_path / 'raw', respelled)
+  respelled_records = _manifest(tmp_path / 'raw')
+  assert not _build(tmp_path / 'raw', tmp_path / 'out')
+  categories = build.load_categories(str(tmp_path / 'out'))
+  assert categories == ['Hats', 'caf\u00e9', 'day bags', 'hats', 'shoes']
+  built = _by_item(_records(tmp_path / 'out'))
+  assert len(built) == len(respelled_records)
+  dense = {}
+  for r in respelled_records:
+    _, ex = built[r['item_id']]
+    assert categories[ex['label']] == ' '.join(unicodedata.normalize('NFC', r['label']).split())
+    dense.setdefault(r['instance_id'].strip(), set()).add(int(ex['instance_id']))
+  assert all(len(ids) == 1 for ids in dense.values())
+  assert sorted(ids.pop() for ids in dense.values()) == list(range(len(dense)))
+
+
+def test_a_spaced_item_id_is_the_same_id(catalogue, tmp_path):
+  first_id = _manifest(catalogue)[0]['item_id']
+  _edited(catalogue, tmp_path / 'raw',
+          lambda r, i, root: dict(r, item_id=f' {first_id} ') if i == 1 else r)
+  problems = _build(tmp_path / 'raw', tmp_path / 'out')
+  assert dict(problems.counts) == {'duplicate item_id': 1}
+  assert f'item_id {first_id!r} appeared before' in problems.items[0][2]
+
+
 def test_integer_ids_of_any_width_and_mixed_labels(catalogue, tmp_path):
   labels = {0: 10, 1: '2', 2: 'shoes', 3: 3}
   wide = {0: 3 + 2**40, 1: 3 + 2**41}  # both equal instance 3 in their low 32 bits
@@ -151,7 +187,7 @@ def test_integer_ids_of_any_width_and_mixed_labels(catalogue, tmp_path):
 
 def test_unusable_ids_are_broken_lines(catalogue, tmp_path):
   def unusable(r, i, root):
-    edits = {0: {'label': [1]}, 1: {'instance_id': True}, 2: {'label': ''},
+    edits = {0: {'label': [1]}, 1: {'instance_id': True}, 2: {'label': ' \t'},
              3: {'instance_id': float(r['instance_id'])}}  # pandas' integers: kept
     return dict(r, **edits.get(i, {}))
   originals = _edited(catalogue, tmp_path / 'raw', unusable)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 import zlib
 
 from scale_jax import modalities
@@ -136,17 +137,20 @@ def manifest_path(raw: str) -> str:
 
 
 def id_text(value) -> str | None:
-  """An item id, instance id or label as text: a string as it is, an integer as its digits (also
-  an integral float, as pandas writes an integer column with gaps); None when absent, '' or
-  NaN (such a column's gap).
+  """An item id, instance id or label as text: a string in Unicode NFC with its whitespace
+  collapsed, an integer as its digits (also an integral float, as pandas writes an integer column
+  with gaps); None when absent, blank or NaN (such a column's gap).
   Raises ValueError for any other JSON value."""
-  if _is_gap(value) or value == '':
+  if _is_gap(value):
     return None
   if isinstance(value, float) and value.is_integer():
     value = int(value)
   if isinstance(value, bool) or not isinstance(value, (str, int)):
     raise ValueError(f'{value!r} is neither text nor an integer')
-  return str(value)
+  # "shoes " and "shoes", or "café" typed on a Mac (NFD) and on Windows (NFC), look the same to
+  # whoever labelled them and must be one category, one instance, one id.
+  text = ' '.join(unicodedata.normalize('NFC', str(value)).split())
+  return text or None
 
 
 def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dict | None:
