@@ -539,39 +539,91 @@ def test_videos_are_turned_by_their_display_matrix():
   assert media.decode_video(mp4(90), 2, 8, fps=2.0)[0][0, -1, :, 0].min() > 0.9  # red below
 
 
+def _solid_mp4(signal, matrix, height=16, width=16, **tags) -> bytes:
+  """Two frames of one colour, `signal` (non-linear RGB in [0, 1]) in YUV by `matrix` (Kr, Kb),
+  limited range; `tags` (colorspace, color_trc, color_primaries: FFmpeg's numbers) on the
+  stream."""
+  import av
+  kr, kb = matrix
+  luma = kr * signal[0] + (1 - kr - kb) * signal[1] + kb * signal[2]
+  yuv = np.empty((height * 3 // 2, width), np.uint8)  # yuv420p
+  yuv[:height] = round(16 + 219 * luma)
+  yuv[height:height * 5 // 4] = round(128 + 224 * (signal[2] - luma) / (2 * (1 - kb)))
+  yuv[height * 5 // 4:] = round(128 + 224 * (signal[0] - luma) / (2 * (1 - kr)))
+  buf = io.BytesIO()
+  with av.open(buf, 'w', format='mp4') as container:
+    stream = container.add_stream('libx264', rate=2)
+    stream.height, stream.width, stream.pix_fmt = height, width, 'yuv420p'
+    for name, value in tags.items():
+      setattr(stream.codec_context, name, value)
+    for _ in range(2):
+      frame = av.VideoFrame.from_ndarray(yuv, format='yuv420p')
+      for name, value in tags.items():
+        setattr(frame, name, value)
+      container.mux(stream.encode(frame))
+    container.mux(stream.encode())
+  return buf.getvalue()
+
+
+_BT601, _BT709, _BT2020 = (0.299, 0.114), (0.2126, 0.0722), (0.2627, 0.0593)
+
+
 def test_video_colours_are_read_by_the_streams_yuv_matrix():
   """BT.709 (HD, phones) and BT.601 turn RGB into YUV differently; a stream says which, and an
   untagged one is read as players read it: BT.709 from 1280 x 720 on."""
-  import av
   colour = np.array([200, 60, 40]) / 255
-  matrices = {'bt709': (0.2126, 0.0722), 'bt601': (0.299, 0.114)}
-
-  def mp4(matrix, tag, height, width):
-    kr, kb = matrices[matrix]
-    luma = kr * colour[0] + (1 - kr - kb) * colour[1] + kb * colour[2]
-    yuv = np.empty((height * 3 // 2, width), np.uint8)  # yuv420p, limited range
-    yuv[:height] = round(16 + 219 * luma)
-    yuv[height:height * 5 // 4] = round(128 + 224 * (colour[2] - luma) / (2 * (1 - kb)))
-    yuv[height * 5 // 4:] = round(128 + 224 * (colour[0] - luma) / (2 * (1 - kr)))
-    buf = io.BytesIO()
-    with av.open(buf, 'w', format='mp4') as container:
-      stream = container.add_stream('libx264', rate=2)
-      stream.height, stream.width, stream.pix_fmt = height, width, 'yuv420p'
-      if tag is not None:
-        stream.codec_context.colorspace = tag
-      for _ in range(2):
-        frame = av.VideoFrame.from_ndarray(yuv, format='yuv420p')
-        if tag is not None:
-          frame.colorspace = tag
-        container.mux(stream.encode(frame))
-      container.mux(stream.encode())
-    return buf.getvalue()
-
-  for matrix, tag, height, width in [('bt709', 1, 16, 16), ('bt601', 5, 720, 1280),
-                                     ('bt601', None, 16, 16), ('bt709', None, 720, 1280)]:
-    shown, _ = media.decode_video(mp4(matrix, tag, height, width), 1, 4, fps=2.0)
+  for matrix, tag, height, width in [(_BT709, 1, 16, 16), (_BT601, 5, 720, 1280),
+                                     (_BT601, None, 16, 16), (_BT709, None, 720, 1280)]:
+    tags = {} if tag is None else {'colorspace': tag}
+    shown, _ = media.decode_video(_solid_mp4(colour, matrix, height, width, **tags), 1, 4,
+                                  fps=2.0)
     np.testing.assert_allclose(shown[0], np.broadcast_to(colour, (4, 4, 3)), atol=3 / 255,
                                err_msg=f'{matrix} tagged {tag}, {width} x {height}')
+
+
+def _pq_signal(nits):
+  """SMPTE ST 2084 (HDR10): display light in nits -> signal."""
+  m1, m2, c1, c2, c3 = 2610 / 16384, 2523 / 4096 * 128, 3424 / 4096, 2413 / 128, 2392 / 128
+  y = (np.asarray(nits, float) / 10000) ** m1
+  return ((c1 + c2 * y) / (1 + c3 * y)) ** m2
+
+
+def _hlg_signal(nits):
+  """ARIB STD-B67 (HLG) on a 1000-nit screen: display light of an RGB colour in nits -> signal
+  (the inverse OOTF, then the OETF)."""
+  nits = np.asarray(nits, float)
+  luma = nits @ np.array([0.2627, 0.6780, 0.0593])  # BT.2020's
+  scene = nits / 1000 / (luma / 1000) ** (0.2 / 1.2)
+  a, b, c = 0.17883277, 0.28466892, 0.55991073
+  return np.where(scene <= 1 / 12, np.sqrt(3 * scene), a * np.log(np.maximum(12 * scene - b, 1e-9)) + c)
+
+
+def test_hdr_videos_are_shown_as_players_show_them_on_an_sdr_screen():
+  """An iPhone's HLG video, or an HDR10 one, holds light in nits and colours in BT.2020's wider
+  gamut; read as SDR BT.709 it looks grey and washed out. Shown as players do: HDR's diffuse
+  white (203 nits) is SDR white, and a colour keeps its hue and saturation."""
+  hdr = {'HLG': (_hlg_signal, 18), 'PQ': (_pq_signal, 16)}
+  to_bt2020 = np.linalg.inv(np.array([[1.6605, -0.5876, -0.0728], [-0.1246, 1.1329, -0.0083],
+                                      [-0.0182, -0.1006, 1.1187]]))
+  # An SDR BT.709 colour, and the light a BT.1886 screen shows for it.
+  sdr = np.array([0.75, 0.35, 0.2])
+  nits = 203 * to_bt2020 @ sdr ** 2.4
+  for name, (encode, trc) in hdr.items():
+    tags = dict(colorspace=9, color_trc=trc, color_primaries=9)
+    shown, _ = media.decode_video(_solid_mp4(encode(nits), _BT2020, **tags), 1, 4, fps=2.0)
+    np.testing.assert_allclose(shown[0], np.broadcast_to(sdr, (4, 4, 3)), atol=3 / 255,
+                               err_msg=name)
+  # HDR highlights above SDR white are rolled off below it, brighter staying brighter, the hue
+  # kept; SDR white itself (203 nits) is a little below white.
+  greys = [media.decode_video(_solid_mp4(_pq_signal([n] * 3), _BT2020, colorspace=9, color_trc=16,
+                                         color_primaries=9), 1, 4, fps=2.0)[0][0, 0, 0]
+           for n in (203, 600, 1000)]
+  assert 0.85 < greys[0][0] < greys[1][0] < greys[2][0] < 1
+  assert np.ptp(greys, axis=1).max() < 2 / 255
+  # Read as SDR BT.709, as before, the colour comes out far off.
+  as_sdr, _ = media.decode_video(_solid_mp4(_hlg_signal(nits), _BT2020, colorspace=9), 1, 4,
+                                 fps=2.0)
+  assert np.abs(as_sdr[0, 0, 0] - sdr).max() > 0.1
 
 
 def test_mirrored_videos_are_shown_as_their_display_matrix_says():

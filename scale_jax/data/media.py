@@ -118,6 +118,8 @@ class _YuvFrame(typing.NamedTuple):
   v: np.ndarray
   limited: bool  # limited ("MPEG") range, Y in 16..235: the H.264 default
   matrix: tuple[float, float]  # (Kr, Kb), _yuv_matrix
+  transfer: int  # FFmpeg's AVColorTransferCharacteristic: _PQ, _HLG or an SDR curve
+  primaries: int  # FFmpeg's AVColorPrimaries: _BT2020 or (as good as) BT.709's
 
 
 def _yuv_planes(frame) -> _YuvFrame:
@@ -131,7 +133,8 @@ def _yuv_planes(frame) -> _YuvFrame:
     planes = (yuv[:h], *yuv[h:].reshape(2, h // 2, w // 2))
   else:
     planes = tuple(_plane(p) for p in frame.planes)
-  return _YuvFrame(*planes, limited=frame.color_range != 2, matrix=matrix)
+  return _YuvFrame(*planes, limited=frame.color_range != 2, matrix=matrix,
+                   transfer=frame.color_trc, primaries=frame.color_primaries)
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,6 +191,57 @@ def _resize_planes(planes: np.ndarray, size: int) -> np.ndarray:
   return out.astype(np.float32)
 
 
+_PQ, _HLG = 16, 18  # HDR10's and HLG's transfer (AVCOL_TRC_SMPTE2084, AVCOL_TRC_ARIB_STD_B67)
+_BT2020 = 9  # the wide gamut of HDR (AVCOL_PRI_BT2020)
+# Linear BT.2020 RGB -> linear BT.709 (= sRGB) RGB, as ITU-R BT.2087 gives it.
+_BT2020_TO_BT709 = np.array([[1.6605, -0.5876, -0.0728],
+                             [-0.1246, 1.1329, -0.0083],
+                             [-0.0182, -0.1006, 1.1187]], np.float32)
+_SDR_WHITE_NITS = 203.0  # HDR's diffuse white (ITU-R BT.2408), shown as SDR white
+_ROLL_OFF_FROM = 0.7  # of SDR white: brighter HDR light is compressed towards white
+
+
+def _display_light(signal: np.ndarray, transfer: int) -> np.ndarray:
+  """Non-linear RGB in [0, 1] -> the light a screen shows for it, SDR white = 1: PQ and HLG (on a
+  1000-nit screen) as ITU-R BT.2100 defines them, every other curve as BT.1886's gamma 2.4."""
+  if transfer == _PQ:
+    m1, m2, c1, c2, c3 = 0.1593017578125, 78.84375, 0.8359375, 18.8515625, 18.6875
+    p = signal ** (1 / m2)
+    nits = 10000 * (np.maximum(p - c1, 0) / (c2 - c3 * p)) ** (1 / m1)
+  elif transfer == _HLG:
+    a, b, c = 0.17883277, 0.28466892, 0.55991073
+    scene = np.where(signal <= 0.5, signal ** 2 / 3,
+                     (np.exp((signal - c) / a) + b) / 12)
+    luma = scene @ np.array([0.2627, 0.6780, 0.0593], np.float32)
+    nits = 1000 * luma[..., None] ** 0.2 * scene  # the OOTF, system gamma 1.2
+  else:
+    return signal ** 2.4
+  return nits / _SDR_WHITE_NITS
+
+
+def _rolled_off(light: np.ndarray) -> np.ndarray:
+  """HDR light above _ROLL_OFF_FROM compressed smoothly below SDR white, each pixel by one factor
+  (its hue kept), as a player tone-maps HDR for an SDR screen instead of clipping highlights."""
+  knee = _ROLL_OFF_FROM
+  peak = light.max(-1, keepdims=True)
+  over = np.maximum(peak - knee, 0)
+  rolled = knee + (1 - knee) * over / (over + 1 - knee)
+  return light * np.where(peak > knee, rolled / np.maximum(peak, knee), 1)
+
+
+def _in_sdr_bt709(rgb: np.ndarray, transfer: int, primaries: int) -> np.ndarray:
+  """RGB of an HDR or wide-gamut stream (an iPhone's HLG, HDR10) in [0, 1] -> the SDR BT.709 RGB
+  that shows the same light, as players convert it; read as it is, an HDR video looks grey and
+  washed out."""
+  light = _display_light(rgb, transfer)
+  if primaries == _BT2020:
+    light = light @ _BT2020_TO_BT709.T
+  light = np.maximum(light, 0)  # colours outside BT.709's gamut, clipped to its edge
+  if transfer in (_PQ, _HLG):
+    light = _rolled_off(light)
+  return np.minimum(light, 1) ** (1 / 2.4)
+
+
 def _frames_to_rgb(frames: list, size: int) -> np.ndarray:
   """Frames from _yuv_planes -> float32 RGB [n, size, size, 3] in [0, 1].
 
@@ -208,12 +262,16 @@ def _frames_to_rgb(frames: list, size: int) -> np.ndarray:
     y[limited] = (y[limited] - 16.0) * (255.0 / 219.0)
     u[limited] *= 255.0 / 224.0
     v[limited] *= 255.0 / 224.0
-  kr, kb = np.array([f.matrix for f in frames]).T[:, :, None, None]  # each [n, 1, 1]
+  kr, kb = np.array([f.matrix for f in frames], np.float32).T[:, :, None, None]  # [n, 1, 1]
   kg = 1.0 - kr - kb
   rgb = np.stack([y + 2 * (1 - kr) * v,
                   y - (2 * kb * (1 - kb) / kg) * u - (2 * kr * (1 - kr) / kg) * v,
                   y + 2 * (1 - kb) * u], axis=-1)
-  return np.clip(rgb, 0.0, 255.0) / 255.0
+  rgb = np.clip(rgb, 0.0, 255.0) / 255.0
+  for i, f in enumerate(frames):
+    if f.transfer in (_PQ, _HLG) or f.primaries == _BT2020:
+      rgb[i] = _in_sdr_bt709(rgb[i], f.transfer, f.primaries)
+  return rgb
 
 
 def _frame_to_rgb(frame, size: int) -> np.ndarray:
