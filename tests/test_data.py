@@ -71,6 +71,19 @@ def test_manifest_as_spreadsheet_tools_write_it(tmp_path):
   assert not raw.has_modality(products['p2'], 'table') and raw.has_modality(products['p2'], 'image')
 
 
+def test_html_in_captions_and_tables_is_read_as_a_shop_shows_it(tmp_path):
+  """Scraped and XML-exported catalogues escape `&` as `&amp;` (sometimes twice) and keep the
+  description's <br>: the tokenizer should see "Tom & Jerry", not "amp"."""
+  path = _manifest(tmp_path, [json.dumps({
+      'item_id': 'p0', 'label': 1,
+      'caption': 'Tom &amp; Jerry&#39;s mug<br/>red &amp;amp; blue <B>sale</b>',
+      'tabular': {'size&nbsp;(cm)': '5&lt;6', 'brand': 'AT&T &notice; R&D'}}).encode()])
+  [product] = raw.read_manifest(path)
+  assert product['caption'] == "Tom & Jerry's mug red & blue  sale"
+  # An & that begins no character reference HTML defines stays as written.
+  assert product['tabular'] == [('size\u00a0(cm)', '5<6'), ('brand', 'AT&T &notice; R&D')]
+
+
 def test_media_paths_written_on_windows_name_the_same_files(tmp_path):
   (tmp_path / 'videos').mkdir()
   (tmp_path / 'videos' / 'v.mp4').write_bytes(b'not checked by read_manifest')

@@ -9,6 +9,8 @@ RawDataError naming the file (and line) and the reason.
 """
 import collections
 import gzip
+import html
+import html.entities
 import json
 import math
 import os
@@ -80,6 +82,33 @@ def _is_gap(value) -> bool:
   return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+_ENTITY = re.compile(r'&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);')
+_MARKUP = re.compile(r'<\s*/?\s*(?:a|b|br|div|em|font|h[1-6]|hr|i|img|li|ol|p|span|strong|sub|'
+                     r'sup|table|td|th|tr|u|ul)\b[^<>]*>', re.IGNORECASE)
+
+
+def _character(reference: re.Match) -> str:
+  """What an HTML character reference stands for; a name HTML does not define, as written
+  (html.unescape alone reads "&notice;" as "¬ice;")."""
+  name = reference[0][1:]
+  if name.startswith('#') or name in html.entities.html5:
+    return html.unescape(reference[0])
+  return reference[0]
+
+
+def plain_text(text: str) -> str:
+  """Caption or table text as a shop shows it: HTML character references read (`&amp;`,
+  `&#39;`, also escaped twice, as scraped and XML exports write them) and HTML formatting tags
+  (`<br>`, `<b>`) as spaces, so "Tom &amp; Jerry" is tokenized as "Tom & Jerry". An `&` without
+  its `;` stays as written ("AT&T", "R&D", "Salt&Pepper")."""
+  for _ in range(3):  # "&amp;amp;" -> "&amp;" -> "&"
+    unescaped = _ENTITY.sub(_character, text)
+    if unescaped == text:
+      break
+    text = unescaped
+  return _MARKUP.sub(' ', text).strip()
+
+
 def parse_table(table) -> list[tuple[str, str]]:
   """The table as the official string `k#:#v#;#k#:#v`, a list of [key, value] pairs or a
   {key: value} object (or None / '' / []) -> [(key, value), ...], stripped; pairs whose value is
@@ -111,7 +140,7 @@ def parse_table(table) -> list[tuple[str, str]]:
       continue
     if not isinstance(key, str) or not isinstance(value, (str, int, float)):
       raise ValueError(f'table entry ({key!r}, {value!r}) is not text')
-    key, value = key.strip(), str(value).strip()
+    key, value = plain_text(key), plain_text(str(value))
     if key or value:  # `#:#` alone, or blanks: nothing to read
       out.append((key, value))
   return out
@@ -194,7 +223,7 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
   elif not _is_text(caption):
     problems.add('undecodable text', where, 'caption is not valid UTF-8 text')
     caption = ''
-  product['caption'] = caption.strip()  # blanks alone are no caption
+  product['caption'] = plain_text(caption)  # blanks alone are no caption
 
   table = record.get('tabular')
   try:
