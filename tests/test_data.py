@@ -39,6 +39,17 @@ def test_table_forms():
       raw.parse_table(bad)
 
 
+def test_table_values_as_json_exports_write_them():
+  """Several values of one property as a list, booleans, and pandas' integers with gaps."""
+  assert raw.parse_table({'color': ['red', 'blue', None], 'weight (g)': 500.0, 'inch': 6.5,
+                          'waterproof': True, 'sizes': [38, 39.0], 'fits': []}) == [
+      ('color', 'red, blue'), ('weight (g)', '500'), ('inch', '6.5'), ('waterproof', 'true'),
+      ('sizes', '38, 39')]
+  for nested in ({'color': [['red']]}, {'color': {'main': 'red'}}):
+    with pytest.raises(ValueError, match='is not text'):
+      raw.parse_table(nested)
+
+
 def test_table_gaps_and_blanks_are_left_out():
   assert raw.parse_table({'颜色': '白色', 'size': None, 'fit': float('nan')}) == [('颜色', '白色')]
   assert raw.parse_table('#:##;# #:# #;#size#:#XL') == [('size', 'XL')]

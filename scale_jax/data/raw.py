@@ -111,8 +111,9 @@ def plain_text(text: str) -> str:
 
 def parse_table(table) -> list[tuple[str, str]]:
   """The table as the official string `k#:#v#;#k#:#v`, a list of [key, value] pairs or a
-  {key: value} object (or None / '' / []) -> [(key, value), ...], stripped; pairs whose value is
-  null, or with neither key nor value, are left out. Raises ValueError if malformed."""
+  {key: value} object (or None / '' / []) -> [(key, value), ...] as plain_text; a value may be a
+  string, a number, a boolean or a list of them (joined by ", "); pairs whose value is null (or
+  []), or with neither key nor value, are left out. Raises ValueError if malformed."""
   if _is_gap(table) or not table:
     return []
   if isinstance(table, dict):
@@ -136,14 +137,28 @@ def parse_table(table) -> list[tuple[str, str]]:
     raise ValueError(f'table is a {type(table).__name__}, not a string or a list of pairs')
   out = []
   for key, value in pairs:
-    if _is_gap(value):  # a property the product does not have (a sparse table's gap)
+    # A property of several values ("color": ["red", "blue"]) reads as "red, blue".
+    values = value if isinstance(value, list) else [value]
+    texts = [_scalar_text(v) for v in values if not _is_gap(v)]
+    if not texts:  # a property the product does not have (a sparse table's gap)
       continue
-    if not isinstance(key, str) or not isinstance(value, (str, int, float)):
+    if not isinstance(key, str) or None in texts:
       raise ValueError(f'table entry ({key!r}, {value!r}) is not text')
-    key, value = plain_text(key), plain_text(str(value))
+    key, value = plain_text(key), plain_text(', '.join(texts))
     if key or value:  # `#:#` alone, or blanks: nothing to read
       out.append((key, value))
   return out
+
+
+def _scalar_text(value) -> str | None:
+  """A JSON string, number or boolean as text (None for a list or an object): `true` and
+  `false` as JSON writes them, an integral float as its digits (pandas writes an integer column
+  with gaps as floats: 500.0 is 500)."""
+  if isinstance(value, bool):
+    return 'true' if value else 'false'
+  if isinstance(value, float) and value.is_integer():
+    return str(int(value))
+  return str(value) if isinstance(value, (str, int, float)) else None
 
 
 def _is_text(s: str) -> bool:
@@ -216,7 +231,7 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
   if _is_gap(caption):
     caption = ''
   elif isinstance(caption, (int, float)) and not isinstance(caption, bool):
-    caption = str(caption)  # a title that is only a number, as a spreadsheet export writes it
+    caption = _scalar_text(caption)  # a title that is only a number, as a spreadsheet writes it
   elif not isinstance(caption, str):
     problems.add('undecodable text', where, f'caption is a JSON {type(caption).__name__}, not text')
     caption = ''
