@@ -95,6 +95,23 @@ def test_html_in_captions_and_tables_is_read_as_a_shop_shows_it(tmp_path):
   assert product['tabular'] == [('size\u00a0(cm)', '5<6'), ('brand', 'AT&T &notice; R&D')]
 
 
+def test_mojibake_is_read_as_it_was_written():
+  """UTF-8 misread as Windows-1252 or Latin-1 (once or twice) on its way into a catalogue, as
+  open_clip's ftfy mends it; text as people type it, in any script, is left alone."""
+  written = ['café naïve “quoted” it’s ®°', 'Größe 42', '红色连衣裙 女 夏季', 'Ça – £5']
+  for text in written:
+    assert raw.plain_text(text) == text
+    once = text.encode('utf-8').decode('latin-1')
+    assert raw.plain_text(once) == text
+    # Windows-1252 as Windows misreads it: the five bytes it leaves undefined as Latin-1's.
+    as_windows = ''.join(bytes([b]).decode('cp1252', errors='ignore') or chr(b)
+                         for b in text.encode('utf-8'))
+    assert raw.plain_text(as_windows) == text
+    assert raw.plain_text(once.encode('utf-8').decode('latin-1')) == text
+  for typed in ['Ã', 'ÂÂ', 'naïve Ã©', '×÷ µ¶ §¿']:  # not all valid UTF-8 read as Latin-1
+    assert raw.plain_text(typed) == typed
+
+
 def test_media_paths_written_on_windows_name_the_same_files(tmp_path):
   (tmp_path / 'videos').mkdir()
   (tmp_path / 'videos' / 'v.mp4').write_bytes(b'not checked by read_manifest')

@@ -96,11 +96,40 @@ def _character(reference: re.Match) -> str:
   return reference[0]
 
 
+def _byte_of_char() -> dict[str, int]:
+  """Each character a byte becomes when UTF-8 is misread as Windows-1252 or as Latin-1."""
+  table = {chr(b): b for b in range(256)}  # Latin-1
+  for b in range(128, 256):
+    try:
+      table[bytes([b]).decode('cp1252')] = b
+    except UnicodeDecodeError:  # five bytes Windows-1252 leaves undefined
+      pass
+  return table
+
+
+_BYTE_OF_CHAR = _byte_of_char()
+
+
+def _unmangled(text: str) -> str:
+  """UTF-8 that was misread as Windows-1252 or Latin-1 ("cafÃ©", "itâ€™s", "ä¸­æ–‡", also misread
+  twice) as it was written; any other text as it is. Only a string whose every character is such
+  a byte, and whose bytes are valid UTF-8, is read back: text a person typed almost never is."""
+  for _ in range(3):
+    if text.isascii():
+      return text
+    try:
+      text = bytes(_BYTE_OF_CHAR[c] for c in text).decode('utf-8')
+    except (KeyError, UnicodeDecodeError):
+      return text
+  return text
+
+
 def plain_text(text: str) -> str:
-  """Caption or table text as a shop shows it: HTML character references read (`&amp;`,
-  `&#39;`, also escaped twice, as scraped and XML exports write them) and HTML formatting tags
-  (`<br>`, `<b>`) as spaces, so "Tom &amp; Jerry" is tokenized as "Tom & Jerry". An `&` without
-  its `;` stays as written ("AT&T", "R&D", "Salt&Pepper")."""
+  """Caption or table text as a shop shows it: mojibake read back (_unmangled), HTML character
+  references read (`&amp;`, `&#39;`, also escaped twice, as scraped and XML exports write them)
+  and HTML formatting tags (`<br>`, `<b>`) as spaces, so "Tom &amp; Jerry" is tokenized as
+  "Tom & Jerry". An `&` without its `;` stays as written ("AT&T", "R&D", "Salt&Pepper")."""
+  text = _unmangled(text)
   for _ in range(3):  # "&amp;amp;" -> "&amp;" -> "&"
     unescaped = _ENTITY.sub(_character, text)
     if unescaped == text:
