@@ -210,9 +210,9 @@ def manifest_path(raw: str) -> str:
 
 
 def id_text(value) -> str | None:
-  """An item id, instance id or label as text: a string in Unicode NFC with its whitespace
-  collapsed, an integer as its digits (also an integral float, as pandas writes an integer column
-  with gaps); None when absent, blank or NaN (such a column's gap).
+  """An item id, instance id or label as text: a string as plain_text, in Unicode NFC, its
+  whitespace collapsed; an integer as its digits (also an integral float, as pandas writes an
+  integer column with gaps); None when absent, blank or NaN (such a column's gap).
   Raises ValueError for any other JSON value."""
   if _is_gap(value):
     return None
@@ -220,9 +220,10 @@ def id_text(value) -> str | None:
     value = int(value)
   if isinstance(value, bool) or not isinstance(value, (str, int)):
     raise ValueError(f'{value!r} is neither text nor an integer')
-  # "shoes " and "shoes", or "café" typed on a Mac (NFD) and on Windows (NFC), look the same to
-  # whoever labelled them and must be one category, one instance, one id.
-  text = ' '.join(unicodedata.normalize('NFC', str(value)).split())
+  # "shoes " and "shoes", "café" typed on a Mac (NFD) and on Windows (NFC), "Toys &amp; Games"
+  # from a scraped page and "Toys & Games" look the same to whoever labelled them and must be
+  # one category, one instance, one id.
+  text = ' '.join(unicodedata.normalize('NFC', plain_text(str(value))).split())
   return text or None
 
 
