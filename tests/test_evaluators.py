@@ -3,6 +3,7 @@ tables they report, and fine-tuning against the linear probe."""
 import json
 import subprocess
 import sys
+import unicodedata
 
 import jax
 import numpy as np
@@ -220,6 +221,13 @@ def test_id_lists_are_read_when_the_evaluator_is_built(setup, tmp_path, caplog):
   rows = evaluators.evaluate(coarse, extractor, params, 'test')['coarse']['text']
   assert rows['queries'] <= 1
   assert 'config.evals.coarse.queries: 1 of its 2 item ids are not in the test split' in caplog.text
+  # A listed id is read as the manifest's was (NFC, whitespace collapsed, HTML references): the
+  # build stores "A&B café" for the manifest's "A&amp;B  café" in NFD, and the list names it so.
+  listed = 'A&amp;B  ' + unicodedata.normalize('NFD', 'café') + ' \t'
+  (tmp_path / 'typed.txt').write_text(f'{listed}\n{ids[1]}\n', encoding='utf-8')
+  config.evals.coarse.queries = str(tmp_path / 'typed.txt')
+  assert evaluators.from_config(config, ['coarse'])['coarse'].id_lists['queries'] == {
+      'A&B caf\u00e9', ids[1]}
 
 
 def test_a_misspelt_evaluator_setting_is_named(setup):

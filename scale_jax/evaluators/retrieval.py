@@ -9,7 +9,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from scale_jax.data import pipeline
+from scale_jax.data import pipeline, raw
 from scale_jax.evaluators import base
 
 KS = (1, 5, 10)
@@ -172,14 +172,15 @@ def retrieve(features, keys, ks=KS, query_index=None, gallery_index=None,
 
 
 def _read_ids(field: str, path: str) -> set:
-  """The item ids of a list file (one per line; blank lines, surrounding spaces and a UTF-8 byte
-  order mark ignored), read when the evaluator is built: a wrong path fails before any feature
-  is computed or any step trained."""
+  """The item ids of a list file (one per line; blank lines and a UTF-8 byte order mark
+  ignored), each read as the build reads a manifest's (raw.id_text: NFC, whitespace collapsed,
+  HTML references), so a listed id names the product whichever way it was typed. Read when the
+  evaluator is built: a wrong path fails before any feature is computed or any step trained."""
   try:
     text = epath.Path(path).read_bytes().decode('utf-8-sig')
   except (OSError, UnicodeDecodeError) as e:
     raise ValueError(f'{field}={path!r}: cannot read it as a UTF-8 list of item ids ({e})') from e
-  ids = {line.strip() for line in text.splitlines() if line.strip()}
+  ids = {raw.id_text(line) for line in text.splitlines()} - {None}
   if not ids:
     raise ValueError(f'{field}={path!r}: the file lists no item id (one per line)')
   return ids
