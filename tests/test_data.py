@@ -95,6 +95,22 @@ def test_html_in_captions_and_tables_is_read_as_a_shop_shows_it(tmp_path):
   assert product['tabular'] == [('size\u00a0(cm)', '5<6'), ('brand', 'AT&T &notice; R&D')]
 
 
+def test_invisible_characters_do_not_cut_words(tmp_path):
+  """A soft hyphen (German shops write "Kinder&shy;wagen"), a direction mark in Arabic or Hebrew
+  text, a stray control or BOM: the tokenizer kept each as byte pieces inside the word."""
+  path = _manifest(tmp_path, [json.dumps({
+      'item_id': 'p0', 'label': 'Baby\u200e',
+      'caption': 'Kinder&shy;wagen \u202bsale\u202c\x07 x\ufeffl 3\u2060kg',
+      'tabular': [['Far\u00adbe', 'rot\x00'], ['size', '\u2066XL\u2069']]}).encode()])
+  [product] = raw.read_manifest(path)
+  assert product['caption'] == 'Kinderwagen sale xl 3kg'
+  assert product['tabular'] == [('Farbe', 'rot'), ('size', 'XL')]
+  assert product['label'] == 'Baby'
+  # Word breaks stay (the tokenizer reads them as spaces), and so do tabs and newlines.
+  for text in ['\u0645\u06cc\u200c\u062e\u0648\u0627\u0645', 'a\u200bb', 'a\tb']:
+    assert raw.plain_text(text) == text
+
+
 def test_mojibake_is_read_as_it_was_written():
   """UTF-8 misread as Windows-1252 or Latin-1 (once or twice) on its way into a catalogue, as
   open_clip's ftfy mends it; text as people type it, in any script, is left alone."""
@@ -636,7 +652,8 @@ def _hlg_signal(nits):
   luma = nits @ np.array([0.2627, 0.6780, 0.0593])  # BT.2020's
   scene = nits / 1000 / (luma / 1000) ** (0.2 / 1.2)
   a, b, c = 0.17883277, 0.28466892, 0.55991073
-  return np.where(scene <= 1 / 12, np.sqrt(3 * scene), a * np.log(np.maximum(12 * scene - b, 1e-9)) + c)
+  log_part = a * np.log(np.maximum(12 * scene - b, 1e-9)) + c
+  return np.where(scene <= 1 / 12, np.sqrt(3 * scene), log_part)
 
 
 def test_hdr_videos_are_shown_as_players_show_them_on_an_sdr_screen():

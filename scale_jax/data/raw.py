@@ -87,6 +87,16 @@ _MARKUP = re.compile(r'<\s*/?\s*(?:a|b|br|div|em|font|h[1-6]|hr|i|img|li|ol|p|sp
                      r'sup|table|td|th|tr|u|ul)\b[^<>]*>', re.IGNORECASE)
 
 
+# Characters nobody sees that the tokenizer would keep as byte pieces, cutting the word they sit
+# in ("Kinder&shy;wagen" as "Kinder" <0xC2> <0xAD> "wagen"): controls other than whitespace, the
+# soft hyphen, joiners (combining grapheme, zero-width, word), direction marks, embeddings and
+# isolates, the zero-width no-break space (a BOM inside text), emoji tags. Word breaks (the
+# zero-width space, the zero-width non-joiner) are left: the tokenizer reads them as spaces.
+_INVISIBLE = re.compile('[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u00ad\u034f\u061c\u180e'
+                        '\u200d-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff'
+                        '\U000e0001\U000e0020-\U000e007f]')
+
+
 def _character(reference: re.Match) -> str:
   """What an HTML character reference stands for; a name HTML does not define, as written
   (html.unescape alone reads "&notice;" as "¬ice;")."""
@@ -128,14 +138,16 @@ def plain_text(text: str) -> str:
   """Caption or table text as a shop shows it: mojibake read back (_unmangled), HTML character
   references read (`&amp;`, `&#39;`, also escaped twice, as scraped and XML exports write them)
   and HTML formatting tags (`<br>`, `<b>`) as spaces, so "Tom &amp; Jerry" is tokenized as
-  "Tom & Jerry". An `&` without its `;` stays as written ("AT&T", "R&D", "Salt&Pepper")."""
+  "Tom & Jerry". An `&` without its `;` stays as written ("AT&T", "R&D", "Salt&Pepper").
+  Invisible characters (_INVISIBLE: a soft hyphen, a direction mark, a stray control) are
+  left out, so the words they sit in are the words shown."""
   text = _unmangled(text)
   for _ in range(3):  # "&amp;amp;" -> "&amp;" -> "&"
     unescaped = _ENTITY.sub(_character, text)
     if unescaped == text:
       break
     text = unescaped
-  return _MARKUP.sub(' ', text).strip()
+  return _INVISIBLE.sub('', _MARKUP.sub(' ', text)).strip()
 
 
 def parse_table(table) -> list[tuple[str, str]]:
