@@ -492,6 +492,25 @@ def test_images_are_read_as_the_shop_shows_them():
                              media.decode_image(_encoded(eight_bit, 'PNG'), 4), atol=1 / 255)
 
 
+def test_a_jpeg_cut_short_at_its_end_is_read_as_far_as_it_goes():
+  """An interrupted download or a camera's write leaves a JPEG without its last bytes (the end
+  marker, the end of the last row of blocks); a browser shows it whole, Pillow refused it."""
+  from PIL import Image
+  rows, columns = np.mgrid[0:400, 0:600]
+  photo = Image.fromarray(np.stack([columns * 255 // 600, rows * 255 // 400,
+                                    (rows + columns) % 256], -1).astype(np.uint8))
+  for progressive in (False, True):
+    data = _encoded(photo, 'JPEG', quality=90, progressive=progressive)
+    whole = media.decode_image(data, 64)
+    np.testing.assert_array_equal(media.decode_image(data[:-2], 64), whole)  # no end marker
+    # The last 20 bytes lost: at most the last row of blocks (16 px of 400) partly grey.
+    np.testing.assert_allclose(media.decode_image(data[:-20], 64)[:-4], whole[:-4], atol=2 / 255)
+  # Cut in half, a baseline JPEG has lost the bottom half of its rows: corrupt, and it says so.
+  data = _encoded(photo, 'JPEG', quality=90)
+  with pytest.raises(media.MediaError, match=r'cut short, the bottom \d+ of its 200 rows'):
+    media.decode_image(data[:len(data) // 2], 64)
+
+
 def _display_profile(columns, gamma: float) -> bytes:
   """An ICC v2 display profile: RGB colorants (the D50 XYZ of full red, green and blue) and one
   gamma for all three channels, laid out as the ICC specification says."""
