@@ -848,6 +848,23 @@ def test_audio_decodes_only_its_window_and_the_same_samples():
       decode()
 
 
+def test_a_sound_file_that_breaks_off_gives_what_it_holds():
+  """A truncated WAV or MP3 read as far as it goes; a truncated FLAC or OGG was refused whole."""
+  rng = np.random.default_rng(0)
+  t = np.arange(20 * 16000) / 16000
+  wave = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(len(t)))
+  for fmt, subtype in (('FLAC', 'PCM_16'), ('OGG', 'VORBIS'), ('WAV', 'PCM_16')):
+    data = _sound_file(wave.astype(np.float32), 16000, fmt, subtype)
+    whole, _ = media.decode_audio(data, 16000, 12.0)
+    cut, samples = media.decode_audio(data[:len(data) // 2], 16000, 12.0)  # 10 s of 20 left
+    assert 7 * 16000 < samples <= 10 * 16000, fmt
+    np.testing.assert_array_equal(cut[:samples], whole[:samples])
+    assert not cut[samples:].any()  # padding, as for a short clip
+    if fmt != 'WAV':  # (a WAV's every sample stands alone)
+      with pytest.raises(media.MediaError, match='cannot decode audio'):
+        media.decode_audio(data[:len(data) // 200], 16000, 12.0)  # not a block of sound left
+
+
 def test_pcm_sound_tracks_of_every_sample_format_read_in_minus_one_to_one():
   """Integer PCM in MKV or MOV comes through FFmpeg as integers: unsigned 8-bit (silence at 128)
   and signed 16-, 32-bit are scaled to the waveform they encode, like float PCM."""

@@ -446,28 +446,39 @@ def _window_samples(keep: float | None, rate: int) -> int | None:
   return None if keep is None else int(np.ceil(keep * rate))
 
 
+def _mono(frame) -> np.ndarray:
+  """A decoded audio frame as float32 [samples] in [-1, 1], its channels mixed."""
+  samples = frame.to_ndarray().astype(np.float32)  # [channels, n] planar or [1, n * ch]
+  if not frame.format.is_planar:
+    samples = samples.reshape(-1, len(frame.layout.channels)).T
+  name = frame.format.name  # FFmpeg's: u8, s16, s32, s64, flt, dbl, each maybe planar ('p')
+  if name.startswith('u8'):  # unsigned: silence is 128
+    samples = (samples - 128.0) / 128.0
+  elif name.startswith(('s16', 's32', 's64')):  # signed integer PCM -> [-1, 1]
+    samples /= float(2 ** (8 * frame.format.bytes - 1))
+  return samples.mean(axis=0)
+
+
 def _read_sound_track(data: bytes, keep: float | None) -> tuple[np.ndarray, int]:
   """The first `keep` seconds or more (None: all) of the first audio stream of any container
-  FFmpeg reads (an MP4's sound track, AAC, MP3): (float32 [samples], rate), mixed to mono."""
+  FFmpeg reads (an MP4's sound track, AAC, MP3): (float32 [samples], rate), mixed to mono.
+  A file that breaks off (a truncated FLAC or OGG) gives what it holds before the break, as a
+  player plays it and as a truncated WAV or MP3 reads."""
   chunks, rate, total = [], None, 0
   with av.open(io.BytesIO(data)) as container:
     if not container.streams.audio:
       raise MediaError('no audio stream in the file')
     stream = container.streams.audio[0]
-    for frame in container.decode(stream):
-      rate = frame.sample_rate
-      samples = frame.to_ndarray().astype(np.float32)  # [channels, n] planar or [1, n * ch]
-      if not frame.format.is_planar:
-        samples = samples.reshape(-1, len(frame.layout.channels)).T
-      name = frame.format.name  # FFmpeg's: u8, s16, s32, s64, flt, dbl, each maybe planar ('p')
-      if name.startswith('u8'):  # unsigned: silence is 128
-        samples = (samples - 128.0) / 128.0
-      elif name.startswith(('s16', 's32', 's64')):  # signed integer PCM -> [-1, 1]
-        samples /= float(2 ** (8 * frame.format.bytes - 1))
-      chunks.append(samples.mean(axis=0))
-      total += len(chunks[-1])
-      if keep is not None and total >= _window_samples(keep, rate):
-        break
+    try:
+      for frame in container.decode(stream):
+        rate = frame.sample_rate
+        chunks.append(_mono(frame))
+        total += len(chunks[-1])
+        if keep is not None and total >= _window_samples(keep, rate):
+          break
+    except av.FFmpegError:
+      if not chunks:
+        raise
   if not chunks:
     raise MediaError('audio is empty')
   return np.concatenate(chunks), rate
