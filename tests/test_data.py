@@ -740,6 +740,31 @@ def test_mirrored_videos_are_shown_as_their_display_matrix_says():
       assert pixel[colour] > 0.9 and pixel[1 - colour] < 0.1, (matrix, corner, pixel)
 
 
+def test_a_web_video_cut_short_gives_the_frames_before_the_cut(tmp_path):
+  """A shop's video is written for streaming, its index first (faststart): cut short in the
+  download, its first seconds still play. A video with its index last loses it, and every frame."""
+  import av
+  rng = np.random.default_rng(0)
+  path = str(tmp_path / 'web.mp4')
+  with av.open(path, 'w', format='mp4', options={'movflags': 'faststart'}) as container:
+    stream = container.add_stream('libx264', rate=4)  # 10 s
+    stream.height, stream.width, stream.pix_fmt = 32, 32, 'yuv420p'
+    for _ in range(40):
+      frame = rng.integers(0, 256, (32, 32, 3), np.uint8)
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, 'rgb24')))
+    container.mux(stream.encode())
+  with open(path, 'rb') as f:
+    data = f.read()
+  whole, taken = media.decode_video(data, 8, 16, 1.0)
+  assert taken == 8
+  cut, taken = media.decode_video(data[:len(data) // 2], 8, 16, 1.0)  # about 5 s left
+  assert 3 <= taken <= 6
+  np.testing.assert_array_equal(cut[:taken], whole[:taken])
+  assert not cut[taken:].any()
+  with pytest.raises(media.MediaError, match='cannot decode video'):
+    media.decode_video(data[:len(data) // 100], 8, 16, 1.0)  # not one frame's data left
+
+
 def test_video_frames_are_taken_from_the_streams_start_not_from_time_zero():
   """A clip cut from a longer stream keeps its clock: its first frame is shown at 10 s (MP4) or
   at 1 s (an MPEG-TS muxer's default). Frames one second apart from the first are taken, not

@@ -429,9 +429,15 @@ def decode_video(data: bytes, num_frames: int, size: int, fps: float) -> tuple[n
   try:
     # An ISO media file (MP4, MOV): name the demuxer FFmpeg's probing would pick, unprobed.
     with av.open(io.BytesIO(data), format='mp4' if data[4:8] == b'ftyp' else None) as container:
-      for frame in _wanted_frames(container, num_frames, fps):
-        frames.append(_yuv_planes(frame))
-        shown_by = _display_matrix(frame)
+      try:
+        for frame in _wanted_frames(container, num_frames, fps):
+          frames.append(_yuv_planes(frame))
+          shown_by = _display_matrix(frame)
+      except av.FFmpegError:
+        # A video that breaks off (a web video, its index first, cut short in the download)
+        # gives the frames before the break, as a player plays them.
+        if not frames:
+          raise
   except (av.FFmpegError, IndexError, ValueError) as e:
     raise MediaError(f'cannot decode video: {e}') from e
   if not frames:
