@@ -765,6 +765,29 @@ def test_a_web_video_cut_short_gives_the_frames_before_the_cut(tmp_path):
     media.decode_video(data[:len(data) // 100], 8, 16, 1.0)  # not one frame's data left
 
 
+def test_files_that_are_not_media_say_what_they_are():
+  """A scraper saves the error page it was served under the media's name; a designer exports an
+  SVG; an iPhone takes HEIC. Each decoder says what the file is and what to do (an SVG given as a
+  video crashed FFmpeg's reader: it opens SVG, and has no decoder for it)."""
+  from PIL import Image
+  files = {
+      'HTML page': b'\n<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head></html>',
+      'SVG drawing': b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>',
+      'HEIC/HEIF photo': b'\0\0\0\x18ftypheic\0\0\0\0mif1heic' + bytes(64),
+      "text, not media: it begins '{\"error\": \"AccessDenied\"": b'{"error": "AccessDenied"}',
+  }
+  decoders = {'image': lambda d: media.decode_image(d, 8),
+              'video': lambda d: media.decode_video(d, 2, 8, 1.0),
+              'audio': lambda d: media.decode_audio(d, 16000, 1.0)}
+  for what, data in files.items():
+    for name, decode in decoders.items():
+      with pytest.raises(media.MediaError, match=f'cannot decode {name}: it is ') as e:
+        decode(data)
+      assert what in str(e.value), (name, str(e.value))
+  # Media keep their decoder's own reason: a PNG is not taken for anything else.
+  assert media._not_media(_encoded(Image.new('RGB', (8, 8)), 'PNG')) is None
+
+
 def test_video_frames_are_taken_from_the_streams_start_not_from_time_zero():
   """A clip cut from a longer stream keeps its clock: its first frame is shown at 10 s (MP4) or
   at 1 s (an MPEG-TS muxer's default). Frames one second apart from the first are taken, not

@@ -3,6 +3,7 @@
 Each decoder raises MediaError with the reason when the bytes cannot be decoded; callers add the
 file name.
 """
+import codecs
 import functools
 import io
 import typing
@@ -20,6 +21,31 @@ from PIL import Image, ImageCms, ImageOps
 
 class MediaError(ValueError):
   """Encoded media that cannot be decoded."""
+
+
+_HEIF_BRANDS = (b'heic', b'heix', b'heim', b'heis', b'hevc', b'hevx')
+
+
+def _not_media(data: bytes) -> str | None:
+  """What a file no decoder reads holds, where a catalogue's usual mistakes show in its first
+  bytes, with what to do; None otherwise. A scraper saves the error page it was served under
+  the image's name; iPhones take HEIC photos, which nothing here decodes."""
+  head = data[:1024].lstrip(b'\xef\xbb\xbf \t\r\n').lower()
+  if head.startswith((b'<!doctype html', b'<html')) or b'<html' in head[:256]:
+    return 'it is an HTML page, not media (a download served an error page?): fetch it again'
+  if head.startswith(b'<svg') or (head.startswith(b'<?xml') and b'<svg' in head):
+    return 'it is an SVG drawing, which is not decoded here: render it to PNG'
+  brands = data[8:12] + data[16:48]  # an ISO file's major and compatible brands
+  if data[4:8] == b'ftyp' and b'avif' not in brands and any(b in brands for b in _HEIF_BRANDS):
+    return 'it is an HEIC/HEIF photo (what iPhones take), which is not decoded here: ' \
+           'convert it to JPEG'
+  try:  # (incremental: a character cut at byte 200 is left for later, not an error)
+    text = codecs.getincrementaldecoder('utf-8')().decode(data[:200])
+  except UnicodeDecodeError:
+    return None
+  if text.strip() and all(c.isprintable() or c.isspace() for c in text):
+    return f'it is text, not media: it begins {text.strip()[:60]!r}'
+  return None
 
 
 _EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 is upright
@@ -122,7 +148,8 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
   except MediaError:
     raise
   except Image.UnidentifiedImageError as e:  # its message names a BytesIO object, not the file
-    raise MediaError('cannot decode image: not in a format Pillow reads') from e
+    raise MediaError('cannot decode image: ' +
+                     (_not_media(data) or 'not in a format Pillow reads')) from e
   except Exception as e:  # PIL raises several unrelated types for corrupt files
     raise MediaError(f'cannot decode image: {e}') from e
   return np.asarray(img, np.float32) / 255.0
@@ -333,6 +360,8 @@ def _wanted_frames(container, num_frames: int, fps: float):
     raise MediaError('no video stream in the file' +
                      (' (it holds only sound)' if container.streams.audio else ''))
   stream = container.streams.video[0]
+  if stream.codec_context is None:  # a container FFmpeg reads, a codec it cannot decode
+    raise MediaError(f'no decoder for its video stream ({container.format.name})')
   stream.thread_type = 'NONE'  # one decoder thread: the pipeline parallelises over examples
   base = stream.time_base
 
@@ -439,7 +468,7 @@ def decode_video(data: bytes, num_frames: int, size: int, fps: float) -> tuple[n
         if not frames:
           raise
   except (av.FFmpegError, IndexError, ValueError) as e:
-    raise MediaError(f'cannot decode video: {e}') from e
+    raise MediaError(f'cannot decode video: {_not_media(data) or e}') from e
   if not frames:
     raise MediaError('video has no frames')
   # Turned after the resize: the frames are square by then, and it is the same pixels.
@@ -475,6 +504,8 @@ def _read_sound_track(data: bytes, keep: float | None) -> tuple[np.ndarray, int]
     if not container.streams.audio:
       raise MediaError('no audio stream in the file')
     stream = container.streams.audio[0]
+    if stream.codec_context is None:  # a container FFmpeg reads, a codec it cannot decode
+      raise MediaError(f'no decoder for its audio stream ({container.format.name})')
     try:
       for frame in container.decode(stream):
         rate = frame.sample_rate
@@ -542,7 +573,7 @@ def decode_audio(data: bytes, sample_rate: int,
     try:
       wave, rate = _read_sound_track(data, keep)
     except (av.FFmpegError, IndexError, ValueError) as e:
-      raise MediaError(f'cannot decode audio: {e}') from e
+      raise MediaError(f'cannot decode audio: {_not_media(data) or e}') from e
   if wave.size == 0:
     raise MediaError('audio is empty')
   if not np.isfinite(wave).all():  # a float WAV can hold them; one would make the loss NaN
