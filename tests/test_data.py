@@ -203,7 +203,7 @@ def test_a_file_that_cannot_be_read_says_why(tmp_path):
   product.update(image=str(tmp_path / 'text.jpg'), video=None)
   _, more, _ = build.check_files(product)
   reasons = {kind: reason for kind, _, reason in found + more}
-  assert reasons['corrupt image'].startswith('cannot decode image: not in a format Pillow reads')
+  assert reasons['corrupt image'].startswith('cannot decode image: it is an HTML page')
   assert [r for k, _, r in found if k == 'corrupt image'] == [
       'the file is empty (0 bytes) (image of line 1)']
   assert reasons['corrupt video'] == ('cannot decode video: no video stream in the file (it holds '
