@@ -252,6 +252,13 @@ def _nan_features(r, root):
   r['image_features'] = 'nan.npy'
 
 
+def _silent_wav() -> bytes:
+  """Two seconds of digital silence, as a muted video's sound track decodes."""
+  buf = io.BytesIO()
+  soundfile.write(buf, np.zeros(32000, np.float32), 16000, format='WAV')
+  return buf.getvalue()
+
+
 def _nothing_left(r, root):
   r.update(caption='', tabular=None, image=None, video=None, audio='missing.wav')
 
@@ -262,6 +269,7 @@ CORRUPTIONS = {
     'empty audio': (_write('audio', 'empty.wav', b''), 'corrupt audio', 'audio'),
     'corrupt audio': (_write('audio', 'noise.wav', b'RIFF\x00\x01garbage' * 8), 'corrupt audio',
                       'audio'),
+    'silent audio': (_write('audio', 'silent.wav', _silent_wav()), 'silent audio', 'audio'),
     'missing file': (_replace('image', 'images/nope.jpg'), 'missing file', 'image'),
     'malformed table': (_replace('tabular', 'color=red'), 'malformed table', 'table'),
     'undecodable text': (_replace('caption', 'UNDECODABLE'), 'undecodable text', 'text'),
@@ -911,6 +919,18 @@ def test_a_sound_file_that_breaks_off_gives_what_it_holds():
     if fmt != 'WAV':  # (a WAV's every sample stands alone)
       with pytest.raises(media.MediaError, match='cannot decode audio'):
         media.decode_audio(data[:len(data) // 200], 16000, 12.0)  # not a block of sound left
+
+
+def test_a_silent_sound_track_is_no_audio():
+  """A muted video's sound track decodes to zeros: every such product would bring the same
+  all-zero spectrogram. Quiet sound is still sound."""
+  check = modalities.get('audio').check_bytes
+  tone = np.sin(2 * np.pi * 440 * np.arange(16000) / 16000).astype(np.float32)
+  check(_sound_file(10 ** (-60 / 20) * tone, 16000))  # a whisper, -60 dBFS: kept
+  with pytest.raises(media.SilentAudio, match='silent .*exactly 0'):
+    check(_silent_wav())
+  with pytest.raises(media.SilentAudio, match=r'silent .*-9\d dBFS'):  # 16-bit dither
+    check(_sound_file(np.float32(2 ** -15) * np.sign(tone), 16000))
 
 
 def test_pcm_sound_tracks_of_every_sample_format_read_in_minus_one_to_one():

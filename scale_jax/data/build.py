@@ -113,7 +113,8 @@ def check_files(product: dict) -> tuple[dict, list, dict]:
         raise media.MediaError('the file is empty (0 bytes)')
       result = _check_bytes(check, data)
     except (media.MediaError, OSError) as e:
-      problems.append((f'corrupt {check}', path, f'{e} ({field} of {product["where"]})'))
+      kind = 'silent audio' if isinstance(e, media.SilentAudio) else f'corrupt {check}'
+      problems.append((kind, path, f'{e} ({field} of {product["where"]})'))
       product[field] = None
       continue
     if check == 'features':

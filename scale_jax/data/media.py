@@ -23,6 +23,10 @@ class MediaError(ValueError):
   """Encoded media that cannot be decoded."""
 
 
+class SilentAudio(MediaError):
+  """A sound track that decodes to silence: nothing to learn from."""
+
+
 _HEIF_BRANDS = (b'heic', b'heix', b'heim', b'heis', b'hevc', b'hevx')
 
 
@@ -585,6 +589,21 @@ def decode_audio(data: bytes, sample_rate: int,
     return wave, len(wave)
   length = int(sample_rate * seconds)
   return np.pad(wave[:length], (0, max(0, length - wave.shape[0]))), min(len(wave), length)
+
+
+# A clip whose loudest sample is below this holds no sound (16-bit PCM's least step is -90 dBFS):
+# a muted video's track, an export's digital silence.
+_SILENCE_DBFS = -80.0
+
+
+def check_sound(wave: np.ndarray) -> None:
+  """Raises SilentAudio for a waveform (decode_audio's) without sound: its spectrogram is a
+  constant, standardised to zeros, the same for every such product."""
+  peak = float(np.abs(wave).max(initial=0.0))
+  if peak < 10 ** (_SILENCE_DBFS / 20):
+    loudest = f'{20 * np.log10(peak):.0f} dBFS' if peak else 'exactly 0'
+    raise SilentAudio(f'the sound track is silent (its loudest sample is {loudest}, below '
+                      f'{_SILENCE_DBFS:.0f} dBFS): no sound to learn from')
 
 
 def decode_features(data: bytes) -> np.ndarray:

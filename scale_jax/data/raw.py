@@ -37,6 +37,7 @@ PROBLEM_KINDS = (
     'malformed table',  # neither `k#:#v#;#...` nor [[k, v], ...]: table absent
     'missing file',  # a media or features path that does not exist: that modality absent
     *(f'corrupt {m}' for m in MEDIA),  # does not decode: modality absent
+    'silent audio',  # a sound track without sound (a muted video's): audio absent
     'corrupt features',  # not a finite float array of the dataset's feature size
     'no usable modality',  # nothing left to learn from: the product is skipped
 )

@@ -52,7 +52,9 @@ class Audio(PatchModality):
 
   def check_bytes(self, data):
     from scale_jax.data import media  # pylint: disable=g-import-not-at-top
-    media.decode_audio(data, 16000)  # the whole clip: what any window of it may read
+    # The whole clip: what any window of it may read. Silence (a muted video's track) is no
+    # audio: every silent product would bring the same all-zero spectrogram.
+    media.check_sound(media.decode_audio(data, 16000)[0])
 
   def check_media(self, c):
     window = window_samples(c)
