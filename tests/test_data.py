@@ -82,6 +82,30 @@ def test_manifest_as_spreadsheet_tools_write_it(tmp_path):
   assert not raw.has_modality(products['p2'], 'table') and raw.has_modality(products['p2'], 'image')
 
 
+def test_captions_in_several_languages_and_category_paths(tmp_path):
+  """Multi-locale shop exports write a title per language, and a product's category as its path
+  in the category tree: every language is read, and the whole path is the label (the same leaf
+  under two branches is two categories)."""
+  path = _manifest(tmp_path, [json.dumps(line).encode() for line in [
+      {'item_id': 'p0', 'label': ['Clothing', 'Shoes'],
+       'caption': {'en': 'red shoe', 'zh': '红鞋', 'de': None, 'fr': 'red shoe'}},
+      {'item_id': 'p1', 'label': 'Clothing > Shoes', 'caption': ['red shoe', ' ', 'size 42']},
+      {'item_id': 'p2', 'label': ['Sports', '', 'Shoes'], 'caption': {'en': {'short': 'shoe'}},
+       'image': 'a.jpg'},
+      {'item_id': 'p3', 'label': [['Sports']], 'caption': 'x'},
+  ]])
+  problems = raw.Problems()
+  products = {p['item_id']: p for p in raw.read_manifest(path, problems)}
+  assert products['p0']['caption'] == 'red shoe / 红鞋'  # gaps and repeats left out
+  assert products['p1']['caption'] == 'red shoe / size 42'
+  assert products['p0']['label'] == products['p1']['label'] == 'Clothing > Shoes'
+  assert products['p2']['label'] == 'Sports > Shoes' and products['p2']['caption'] == ''
+  assert dict(problems.counts) == {'undecodable text': 1, 'broken line': 1}  # p2's, p3
+  assert [(kind, reason) for kind, _, reason in problems.items] == [
+      ('undecodable text', 'caption holds a JSON dict, not text'),
+      ('broken line', "label ['Sports'] is neither text nor an integer")]
+
+
 def test_html_in_captions_and_tables_is_read_as_a_shop_shows_it(tmp_path):
   """Scraped and XML-exported catalogues escape `&` as `&amp;` (sometimes twice) and keep the
   description's <br>: the tokenizer should see "Tom & Jerry", not "amp"."""
@@ -498,6 +522,13 @@ def test_images_are_read_as_the_shop_shows_them():
   eight_bit = Image.fromarray((grey // 257).astype(np.uint8)).convert('RGB')
   np.testing.assert_allclose(media.decode_image(_encoded(Image.fromarray(grey), 'PNG'), 4),
                              media.decode_image(_encoded(eight_bit, 'PNG'), 4), atol=1 / 255)
+  # Float grey (a scanner's or a raw converter's TIFF), 0..1 as float images hold it, or the
+  # 8- or 16-bit levels stored as floats: the same picture, not black.
+  expected = media.decode_image(_encoded(eight_bit, 'PNG'), 4)
+  for white in (1.0, 255.0, 65535.0):
+    floats = Image.fromarray((grey / 65535.0 * white).astype(np.float32), 'F')
+    np.testing.assert_allclose(media.decode_image(_encoded(floats, 'TIFF'), 4), expected,
+                               atol=1 / 255)
 
 
 def test_a_jpeg_cut_short_at_its_end_is_read_as_far_as_it_goes():

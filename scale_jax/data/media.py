@@ -55,17 +55,26 @@ def _not_media(data: bytes) -> str | None:
 _EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 is upright
 
 
+def _float_range(grey: np.ndarray) -> float:
+  """The white of a float (TIFF) image: 1 as float images are written (a little over 1 is
+  overshoot, clipped), or 255 or 65535 where the values show it holds 8- or 16-bit levels."""
+  brightest = float(grey.max(initial=0))
+  return 1.0 if brightest <= 2 else 255.0 if brightest <= 256 else 65535.0
+
+
 def _upright(img: Image.Image) -> Image.Image:
   """An opened image as the shop shows it, in 8 bits: turned by its EXIF orientation (camera
   photos store the sensor's rows), transparent pixels over white (product cut-outs; `convert`
   alone would show the colour stored under them, often black), 16-bit grey scaled to 8 bits
-  (`convert` clips it at 255). RGB, or L or CMYK where stored so: the colours are still those
-  of the file's own colour space (_in_srgb)."""
+  (`convert` clips it at 255), float grey by its range (_float_range; `convert` reads 0..1 as
+  black). RGB, or L or CMYK where stored so: the colours are still those of the file's own
+  colour space (_in_srgb)."""
   if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
     img = ImageOps.exif_transpose(img)
-  if img.mode.startswith('I'):  # 16-bit grey: PNG and TIFF open as I;16 (older Pillow: I)
-    grey = np.asarray(img, np.float32) * (255.0 / 65535.0)
-    img = Image.fromarray(np.clip(grey.round(), 0, 255).astype(np.uint8))
+  if img.mode.startswith('I') or img.mode == 'F':  # 16-bit (I;16, older Pillow: I) or float
+    grey = np.nan_to_num(np.asarray(img, np.float32))
+    white = _float_range(grey) if img.mode == 'F' else 65535.0
+    img = Image.fromarray(np.clip((grey * (255.0 / white)).round(), 0, 255).astype(np.uint8))
   if img.has_transparency_data:
     img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)),
                                 img.convert('RGBA'))

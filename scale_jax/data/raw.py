@@ -33,7 +33,7 @@ PROBLEM_KINDS = (
     'broken line',  # not JSON, not an object, no item_id / label, or an id that is neither
                     # text nor an integer: the line is skipped
     'duplicate item_id',  # a later line repeating an earlier id: skipped
-    'undecodable text',  # caption or table not valid UTF-8 text: that modality absent
+    'undecodable text',  # caption or table not (valid UTF-8) text: that modality absent
     'malformed table',  # neither `k#:#v#;#...` nor [[k, v], ...]: table absent
     'missing file',  # a media or features path that does not exist: that modality absent
     *(f'corrupt {m}' for m in MEDIA),  # does not decode: modality absent
@@ -240,6 +240,46 @@ def id_text(value) -> str | None:
   return text or None
 
 
+_PATH_SEPARATOR = ' > '
+
+
+def label_text(value) -> str | None:
+  """A label as text: as id_text reads it, or a category path (a list, `["Clothing", "Shoes"]`,
+  as shop exports write a product's place in the category tree) as its names joined by " > ",
+  blank names left out: the whole path, since the same leaf can sit under two branches
+  ("Shoes" of Clothing and of Sports). Raises ValueError for any other JSON value."""
+  if not isinstance(value, list):
+    return id_text(value)
+  names = [id_text(name) for name in value]
+  return _PATH_SEPARATOR.join(name for name in names if name) or None
+
+
+_PART_SEPARATOR = ' / '
+
+
+def caption_text(caption) -> str:
+  """A caption as text ('' when absent): a string; a title that is only a number, as a
+  spreadsheet writes it, as its digits; a title in several languages (an object, `{"en": ...,
+  "zh": ...}`, as multi-locale shop exports write it) or in several parts (a list) as its texts
+  in the order written, joined by " / ", gaps, blanks and repeats left out. Raises ValueError
+  for anything else (a boolean, a nested object) or for text that is not valid UTF-8."""
+  several = isinstance(caption, (dict, list))
+  parts = list(caption.values()) if isinstance(caption, dict) else caption if several else [caption]
+  texts = []
+  for part in parts:
+    if _is_gap(part):
+      continue
+    if isinstance(part, bool) or not isinstance(part, (str, int, float)):
+      raise ValueError(f'{"holds" if several else "is"} a JSON {type(part).__name__}, not text')
+    text = _scalar_text(part)
+    if not _is_text(text):
+      raise ValueError('is not valid UTF-8 text')
+    text = plain_text(text)
+    if text and text not in texts:
+      texts.append(text)
+  return _PART_SEPARATOR.join(texts)
+
+
 def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dict | None:
   """One manifest line -> a product dict (absolute paths; broken modalities set to None), or
   None for a line that has to be skipped."""
@@ -257,7 +297,7 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
   ids = {}
   for field in ('item_id', 'label', 'instance_id'):
     try:
-      ids[field] = id_text(record.get(field))
+      ids[field] = (label_text if field == 'label' else id_text)(record.get(field))
     except ValueError as e:
       problems.add('broken line', where, f'{field} {e}')
       return None
@@ -270,18 +310,11 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
 
   # instance_id None: the product is its own instance.
   product = dict(ids, where=where, audio_in_video=False)
-  caption = record.get('caption')
-  if _is_gap(caption):
-    caption = ''
-  elif isinstance(caption, (int, float)) and not isinstance(caption, bool):
-    caption = _scalar_text(caption)  # a title that is only a number, as a spreadsheet writes it
-  elif not isinstance(caption, str):
-    problems.add('undecodable text', where, f'caption is a JSON {type(caption).__name__}, not text')
-    caption = ''
-  elif not _is_text(caption):
-    problems.add('undecodable text', where, 'caption is not valid UTF-8 text')
-    caption = ''
-  product['caption'] = plain_text(caption)  # blanks alone are no caption
+  try:
+    product['caption'] = caption_text(record.get('caption'))  # blanks alone are no caption
+  except ValueError as e:
+    problems.add('undecodable text', where, f'caption {e}')
+    product['caption'] = ''
 
   table = record.get('tabular')
   try:
