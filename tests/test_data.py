@@ -164,6 +164,13 @@ def test_media_paths_written_on_windows_name_the_same_files(tmp_path):
   assert not problems
   assert p0['video'] == p1['video'] == str(tmp_path / 'videos' / 'v.mp4')
   assert p0['audio_in_video']  # one file, however its two paths are written
+  # A local file as a URI (percent-encoded), as some exports write its path.
+  (tmp_path / 'videos' / 'a b.jpg').write_bytes(b'not checked by read_manifest')
+  uri = (tmp_path / 'videos' / 'a b.jpg').as_uri()
+  assert '%20' in uri
+  [p2] = raw.read_manifest(_manifest(tmp_path, [json.dumps(
+      {'item_id': 'p2', 'label': 1, 'image': uri}).encode()]), problems)
+  assert not problems and p2['image'] == str(tmp_path / 'videos' / 'a b.jpg')
 
 
 def test_a_manifest_with_nothing_usable_names_the_first_problem(tmp_path):

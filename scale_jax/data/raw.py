@@ -16,6 +16,7 @@ import math
 import os
 import re
 import unicodedata
+import urllib.parse
 import zlib
 
 from scale_jax import modalities
@@ -331,6 +332,8 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
     if _is_gap(rel) or not rel:
       continue
     rel = str(rel)
+    if rel.startswith('file://'):  # a local file as a URI, as some exports write them
+      rel = urllib.parse.unquote(urllib.parse.urlparse(rel).path)
     full = os.path.normpath(os.path.join(root, rel))  # ./a.jpg and a.jpg: one file
     if not os.path.isfile(full) and '\\' in rel:  # a manifest written on Windows: images\a.jpg
       full = os.path.normpath(os.path.join(root, rel.replace('\\', '/')))
