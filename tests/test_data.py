@@ -37,6 +37,14 @@ def test_table_forms():
   for bad in ([['only a key']], 42, [[1, 'x']]):
     with pytest.raises(ValueError):
       raw.parse_table(bad)
+  # Entries as objects: schema.org's PropertyValue (a scraped page's JSON-LD), {key, value}.
+  assert raw.parse_table([{'@type': 'PropertyValue', 'name': 'color', 'value': 'red'},
+                          {'key': 'size', 'value': 42},
+                          {'attribute_name': 'fits', 'attribute_value': ['S', 'M']}]) == [
+      ('color', 'red'), ('size', '42'), ('fits', 'S, M')]
+  for ambiguous in ([{'name': 'color'}], [{'name': 'color', 'key': 'c', 'value': 'red'}]):
+    with pytest.raises(ValueError, match='without one name field'):
+      raw.parse_table(ambiguous)
 
 
 def test_table_values_as_json_exports_write_them():

@@ -35,7 +35,7 @@ PROBLEM_KINDS = (
                     # text nor an integer: the line is skipped
     'duplicate item_id',  # a later line repeating an earlier id: skipped
     'undecodable text',  # caption or table not (valid UTF-8) text: that modality absent
-    'malformed table',  # neither `k#:#v#;#...` nor [[k, v], ...]: table absent
+    'malformed table',  # not `k#:#v#;#...`, [[k, v], ...] nor [{name, value}, ...]: table absent
     'missing file',  # a media or features path that does not exist: that modality absent
     *(f'corrupt {m}' for m in MEDIA),  # does not decode: modality absent
     'silent audio',  # a sound track without sound (a muted video's): audio absent
@@ -153,10 +153,11 @@ def plain_text(text: str) -> str:
 
 
 def parse_table(table) -> list[tuple[str, str]]:
-  """The table as the official string `k#:#v#;#k#:#v`, a list of [key, value] pairs or a
-  {key: value} object (or None / '' / []) -> [(key, value), ...] as plain_text; a value may be a
-  string, a number, a boolean or a list of them (joined by ", "); pairs whose value is null (or
-  []), or with neither key nor value, are left out. Raises ValueError if malformed."""
+  """The table as the official string `k#:#v#;#k#:#v`, a list of [key, value] pairs (or of
+  {"name": key, "value": value} objects, _entry_pair) or a {key: value} object (or None / '' /
+  []) -> [(key, value), ...] as plain_text; a value may be a string, a number, a boolean or a
+  list of them (joined by ", "); pairs whose value is null (or []), or with neither key nor
+  value, are left out. Raises ValueError if malformed."""
   if _is_gap(table) or not table:
     return []
   if isinstance(table, dict):
@@ -171,11 +172,7 @@ def parse_table(table) -> list[tuple[str, str]]:
         raise ValueError(f'table entry {item!r} has no "#:#" between key and value')
       pairs.append((key, value))
   elif isinstance(table, list):
-    pairs = []
-    for item in table:
-      if not (isinstance(item, (list, tuple)) and len(item) == 2):
-        raise ValueError(f'table entry {item!r} is not a [key, value] pair')
-      pairs.append(tuple(item))
+    pairs = [_entry_pair(item) for item in table]
   else:
     raise ValueError(f'table is a {type(table).__name__}, not a string or a list of pairs')
   out = []
@@ -191,6 +188,30 @@ def parse_table(table) -> list[tuple[str, str]]:
     if key or value:  # `#:#` alone, or blanks: nothing to read
       out.append((key, value))
   return out
+
+
+# The fields of a table entry written as an object: schema.org's PropertyValue, which scraped
+# product pages carry in their JSON-LD ({"@type": "PropertyValue", "name": ..., "value": ...}),
+# Google Merchant's product_detail, and the {"key": ..., "value": ...} of many APIs.
+_ENTRY_KEY_FIELDS = ('name', 'key', 'attribute', 'attribute_name', 'property')
+_ENTRY_VALUE_FIELDS = ('value', 'values', 'attribute_value')
+
+
+def _entry_pair(item) -> tuple:
+  """One entry of a table given as a list -> (key, value): a [key, value] pair, or an object
+  with one of _ENTRY_KEY_FIELDS and one of _ENTRY_VALUE_FIELDS (its other fields, a "@type"
+  or a section name, left out). Raises ValueError otherwise."""
+  if isinstance(item, (list, tuple)) and len(item) == 2:
+    return tuple(item)
+  if isinstance(item, dict):
+    keys = [item[f] for f in _ENTRY_KEY_FIELDS if f in item]
+    values = [item[f] for f in _ENTRY_VALUE_FIELDS if f in item]
+    if len(keys) == 1 and len(values) == 1:
+      return keys[0], values[0]
+    raise ValueError(f'table entry {item!r} is an object without one name field '
+                     f'({", ".join(_ENTRY_KEY_FIELDS)}) and one value field '
+                     f'({", ".join(_ENTRY_VALUE_FIELDS)})')
+  raise ValueError(f'table entry {item!r} is not a [key, value] pair')
 
 
 def _scalar_text(value) -> str | None:
