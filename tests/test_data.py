@@ -216,6 +216,27 @@ def test_a_gzipped_manifest_and_a_json_array_read_as_the_lines_would(tmp_path):
     raw.read_manifest(str(array), raw.Problems())
 
 
+def test_a_manifest_in_another_format_says_how_to_convert_it(tmp_path):
+  """A catalogue kept in pandas is saved as CSV or Parquet more often than as JSON lines."""
+  for name, content, says in [
+      ('m.csv', b'"item_id",caption,label\np0,a red shoe,1\n', 'a CSV file'),
+      ('m.tsv', b'item_id\tcaption\tlabel\np0\ta red shoe\t1\n', 'a TSV file'),
+      ('m.parquet', b'PAR1\x15\x04\x15\x10\n\x00', 'a Parquet file'),
+      ('m.xlsx', b'PK\x03\x04\x14\x00\n\x00', 'a zip archive')]:
+    (tmp_path / name).write_bytes(content)
+    path = str(tmp_path / name)
+    with pytest.raises(raw.RawDataError) as error:
+      raw.read_manifest(path)
+    assert str(error.value).startswith(f'{path}: a manifest is JSON lines (docs/data.md), this '
+                                       f'is {says}')
+    assert '.to_json("manifest.jsonl", orient="records", lines=True' in str(error.value)
+  # A JSONL manifest whose first line is broken is read on: that line counted, the rest kept.
+  path = _manifest(tmp_path, [b'{"item_id": "cut', b'{"item_id": "p0", "label": 1, "caption": "x"}'])
+  problems = raw.Problems()
+  assert [p['item_id'] for p in raw.read_manifest(path, problems)] == ['p0']
+  assert dict(problems.counts) == {'broken line': 1}
+
+
 def test_a_file_that_cannot_be_read_says_why(tmp_path):
   (tmp_path / 'a_directory.jpg').mkdir()
   path = _manifest(tmp_path, [

@@ -371,6 +371,26 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
   return product
 
 
+_TO_JSONL = '.to_json("manifest.jsonl", orient="records", lines=True, force_ascii=False)'
+
+
+def _other_format(path: str, first_line: bytes) -> str | None:
+  """What a manifest that is not JSON is, from its first line, with the pandas line that turns
+  it into one; None for anything else (a JSONL file whose first line is broken is read on)."""
+  if first_line.startswith(b'PAR1'):
+    return f'a Parquet file: pd.read_parquet({path!r}){_TO_JSONL}'
+  if first_line.startswith(b'\xd0\xcf\x11\xe0'):  # (an old .xls)
+    return f'an Excel workbook: pd.read_excel({path!r}){_TO_JSONL}'
+  if first_line.startswith(b'PK\x03\x04'):
+    return f'a zip archive: unzip it, or for an Excel workbook: pd.read_excel({path!r}){_TO_JSONL}'
+  header = first_line.decode('utf-8', errors='replace').strip()
+  for name, sep in (('CSV', ','), ('TSV', '\t')):
+    if '{' not in header and 'item_id' in [f.strip(' "') for f in header.split(sep)]:
+      read = f'pd.read_csv({path!r}' + (', sep="\\t")' if sep == '\t' else ')')
+      return f'a {name} file (its header names item_id): {read}{_TO_JSONL}'
+  return None
+
+
 def _manifest_lines(path: str):
   """Yields (where, the JSON text of one product as bytes) from a JSONL manifest, gzipped or
   not, read line by line; or from a file holding one JSON array of products (what a JSON export
@@ -382,6 +402,8 @@ def _manifest_lines(path: str):
       line_no, line = 1, f.readline().removeprefix(b'\xef\xbb\xbf')  # a Windows byte-order mark
       while line and not line.strip():
         line_no, line = line_no + 1, f.readline()
+      if other := _other_format(path, line):
+        raise RawDataError(f'{path}: a manifest is JSON lines (docs/data.md), this is {other}')
       if line.lstrip().startswith(b'['):
         text = (line + f.read()).decode('utf-8', errors='surrogateescape')
         try:
