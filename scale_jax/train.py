@@ -19,6 +19,7 @@ metric; the state is never updated with it and never saved. Writes RUN/metrics.j
 events under RUN/tensorboard, and a progress bar on the console. docs/training.md has the details.
 """
 import functools
+import math
 import os
 import pathlib
 import shutil
@@ -300,7 +301,10 @@ class MetricsWriter:
   def __init__(self, workdir: str, sync_every_s: float = 60.0):
     self.active = jax.process_index() == 0
     self.remote = '://' in workdir
-    self.workdir, self.sync_every_s, self.last_sync, self.uploaded = workdir, sync_every_s, 0.0, {}
+    self.workdir, self.sync_every_s, self.uploaded = workdir, sync_every_s, {}
+    # Never synced: the first row goes up at once. (Not 0.0: time.monotonic() counts from boot,
+    # so on a machine up for less than sync_every_s, a fresh TPU VM's, it would wait.)
+    self.last_sync = -math.inf
     self.local = tempfile.mkdtemp(prefix='scale_jax_run_') if self.remote else workdir
     self.tensorboard_dir = os.path.join(self.local, 'tensorboard')
     if not self.active:
