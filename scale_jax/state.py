@@ -214,9 +214,8 @@ def _config_hint(workdir, config) -> str:
 def check_checkpoint_matches(workdir, step, params, config):
   """Raises ValueError if the parameters saved at `step` in `workdir` are not those of this
   config's model (a tree-structure mismatch inside Orbax names neither the cause nor the fix)."""
-  source = _read_only_manager(workdir)
-  saved = {n: tuple(x.shape) for n, x in _saved_params(source, step).items()}
-  source.close()
+  with contextlib.closing(_read_only_manager(workdir)) as source:
+    saved = {n: tuple(x.shape) for n, x in _saved_params(source, step).items()}
   ours = {n: tuple(x.shape) for n, x in _flat_params(params).items()}
   if saved == ours:
     return
@@ -236,29 +235,26 @@ def check_checkpoint_matches(workdir, step, params, config):
 def load_init_from(params, shardings, init_from, config):
   """params with those whose name `init_from.include` finds copied from the latest checkpoint of
   run `init_from.workdir`, onto this run's shardings. Returns (params, its step, copied names)."""
-  source = _read_only_manager(init_from.workdir)
-  directory = source.directory
-  step = source.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'config.init_from.workdir: no checkpoint in {directory}')
-  saved = _saved_params(source, step)
   ours, our_shardings = _flat_params(params), _flat_params(shardings)
-  names = [n for n in ours if re.search(init_from.include, n) and n in saved]
-  if not names:
-    raise ValueError(f'config.init_from.include={init_from.include!r} selects no parameter that '
-                     f'the checkpoint in {directory} holds')
-  for n in names:
-    if tuple(saved[n].shape) != ours[n].shape:
-      raise ValueError(f'init_from: {n} has shape {tuple(saved[n].shape)} in {directory}, '
-                       f'{ours[n].shape} here{_config_hint(init_from.workdir, config)}')
   nest = lambda d: flax.traverse_util.unflatten_dict({tuple(n.split('/')): v for n, v in d.items()})
-  target = {'params': nest({n: jax.ShapeDtypeStruct(ours[n].shape, ours[n].dtype,
-                                                    sharding=our_shardings[n]) for n in names})}
-  restored = _restore_params_only(source, step, target)
-  source.close()
+  with contextlib.closing(_read_only_manager(init_from.workdir)) as source:
+    directory, step = source.directory, source.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'config.init_from.workdir: no checkpoint in {directory}')
+    saved = _saved_params(source, step)
+    names = [n for n in ours if re.search(init_from.include, n) and n in saved]
+    if not names:
+      raise ValueError(f'config.init_from.include={init_from.include!r} selects no parameter '
+                       f'that the checkpoint in {directory} holds')
+    for n in names:
+      if tuple(saved[n].shape) != ours[n].shape:
+        raise ValueError(f'init_from: {n} has shape {tuple(saved[n].shape)} in {directory}, '
+                         f'{ours[n].shape} here{_config_hint(init_from.workdir, config)}')
+    target = {'params': nest({n: jax.ShapeDtypeStruct(ours[n].shape, ours[n].dtype,
+                                                      sharding=our_shardings[n]) for n in names})}
+    restored = _restore_params_only(source, step, target)
   copied = _flat_params(restored['params'])
   return nest({n: copied.get(n, x) for n, x in ours.items()}), step, names
-
 
 
 def restore_params(config, workdir, mesh, step=None):
@@ -268,17 +264,14 @@ def restore_params(config, workdir, mesh, step=None):
   tx, _ = make_optimizer(config)
   init, shardings = sharded_state_init(model, tx, config, mesh)
   abstract = abstract_like(jax.eval_shape(init, jax.random.key(0)), shardings)
-  source = _read_only_manager(workdir)
-  steps = source.all_steps()
-  step = source.latest_step() if step is None else int(step)
-  if step is None or step not in steps:
-    source.close()
-    raise FileNotFoundError(
-        f'no checkpoint {"at all" if step is None else f"at step {step}"} in {source.directory}'
-        f' (steps there: {sorted(steps) or "none"}); train first with `python -m scale_jax.train '
-        f'--config ... --workdir {workdir}`')
-  check_checkpoint_matches(workdir, step, abstract.params, config)
-  target = {'params': abstract.params}
-  restored = _restore_params_only(source, step, target)
-  source.close()
+  with contextlib.closing(_read_only_manager(workdir)) as source:
+    steps = source.all_steps()
+    step = source.latest_step() if step is None else int(step)
+    if step is None or step not in steps:
+      raise FileNotFoundError(
+          f'no checkpoint {"at all" if step is None else f"at step {step}"} in '
+          f'{source.directory} (steps there: {sorted(steps) or "none"}); train first with '
+          f'`python -m scale_jax.train --config ... --workdir {workdir}`')
+    check_checkpoint_matches(workdir, step, abstract.params, config)
+    restored = _restore_params_only(source, step, {'params': abstract.params})
   return restored['params'], step

@@ -352,6 +352,48 @@ class MetricsWriter:
       shutil.rmtree(self.local, ignore_errors=True)
 
 
+def _starting_state(manager, setup, config, workdir, tokenizer_path, log):
+  """The TrainState a run starts from: its latest checkpoint (checked against this config
+  first), else config.init_from's parameters on a fresh state, else a fresh state."""
+  if manager.latest_step() is not None:
+    run_config.check_tokenizer(workdir, tokenizer_path)
+    run_state.check_checkpoint_matches(workdir, manager.latest_step(),
+                                       setup.abstract_state.params, config)
+    if run_config.path(workdir).exists():
+      saved = run_config.load(workdir)
+      if saved.batch_size != config.batch_size:  # every process stops alike
+        raise config_check.ConfigError(
+            f'{workdir} was trained at batch_size {saved.batch_size}, not {config.batch_size}: '
+            f'its step {manager.latest_step()} ends at product {manager.latest_step()} x '
+            f'{saved.batch_size} of the input stream, which another batch size would cut '
+            f'elsewhere. Resume with --config.batch_size={saved.batch_size}, or start a new '
+            f'run from its weights with --config.init_from.workdir={workdir}')
+      changed = run_config.differences(saved, config)
+      if changed:
+        log('resuming with config changes (saved -> now): ' + '; '.join(changed))
+    # The input position is not restored: it follows from the step (pipeline.train_dataset),
+    # so any number of processes may resume the run. Checkpoints written before held Grain
+    # iterator states under 'data', which are left alone.
+    with run_state.readable(manager, manager.latest_step()):
+      restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(setup.abstract_state)))
+    state = restored.state
+    log(f'resumed from step {int(state.step)} in {manager.directory}')
+  else:
+    state = setup.init(jax.random.key(config.seed))
+    if config.init_from.workdir:
+      params, source_step, names = run_state.load_init_from(
+          state.params, setup.state_shardings.params, config.init_from, config)
+      state = state.replace(params=params)
+      towers = sorted({n.split('/')[0] for n in names})
+      log(f'initialised {len(names)} of {len(jax.tree.leaves(params))} parameter arrays '
+          f'({", ".join(towers)}) from step {source_step} of {config.init_from.workdir}; the '
+          f'rest and the optimizer state start fresh (seed {config.seed})')
+    else:
+      log(f'starting from scratch (seed {config.seed})')
+  return state
+
+
 def train(config, workdir):
   """Trains to config.total_steps (resuming from the workdir); returns the final TrainState."""
   # ----------------------------------------------------------------------------------------------
@@ -389,42 +431,11 @@ def train(config, workdir):
   # written to RUN/config.json once the checkpoint is known to fit it.
   manager = run_state.checkpoint_manager(workdir, config)
   tokenizer_path = build.tokenizer_path(config.data.dir)
-  if manager.latest_step() is not None:
-    run_config.check_tokenizer(workdir, tokenizer_path)
-    run_state.check_checkpoint_matches(workdir, manager.latest_step(),
-                                       setup.abstract_state.params, config)
-    if run_config.path(workdir).exists():
-      saved = run_config.load(workdir)
-      if saved.batch_size != config.batch_size:  # every process stops alike
-        raise config_check.ConfigError(
-            f'{workdir} was trained at batch_size {saved.batch_size}, not {config.batch_size}: '
-            f'its step {manager.latest_step()} ends at product {manager.latest_step()} x '
-            f'{saved.batch_size} of the input stream, which another batch size would cut '
-            f'elsewhere. Resume with --config.batch_size={saved.batch_size}, or start a new '
-            f'run from its weights with --config.init_from.workdir={workdir}')
-      changed = run_config.differences(saved, config)
-      if changed:
-        log('resuming with config changes (saved -> now): ' + '; '.join(changed))
-    # The input position is not restored: it follows from the step (pipeline.train_dataset),
-    # so any number of processes may resume the run. Checkpoints written before held Grain
-    # iterator states under 'data', which are left alone.
-    with run_state.readable(manager, manager.latest_step()):
-      restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(setup.abstract_state)))
-    state = restored.state
-    log(f'resumed from step {int(state.step)} in {manager.directory}')
-  else:
-    state = setup.init(jax.random.key(config.seed))
-    if config.init_from.workdir:
-      params, source_step, names = run_state.load_init_from(
-          state.params, setup.state_shardings.params, config.init_from, config)
-      state = state.replace(params=params)
-      towers = sorted({n.split('/')[0] for n in names})
-      log(f'initialised {len(names)} of {len(jax.tree.leaves(params))} parameter arrays '
-          f'({", ".join(towers)}) from step {source_step} of {config.init_from.workdir}; the '
-          f'rest and the optimizer state start fresh (seed {config.seed})')
-    else:
-      log(f'starting from scratch (seed {config.seed})')
+  try:
+    state = _starting_state(manager, setup, config, workdir, tokenizer_path, log)
+  except BaseException:
+    manager.close()  # (left open, its threads outlive the error and fail at interpreter exit)
+    raise
   if 0 < config.total_steps <= config.optimizer.warmup_steps:
     log(f'warning: config.optimizer.warmup_steps={config.optimizer.warmup_steps} is not below '
         f'config.total_steps={config.total_steps}: the learning rate never reaches '
