@@ -90,6 +90,27 @@ def test_manifest_as_spreadsheet_tools_write_it(tmp_path):
   assert not raw.has_modality(products['p2'], 'table') and raw.has_modality(products['p2'], 'image')
 
 
+def test_a_catalogue_cast_to_text_keeps_its_gaps(tmp_path):
+  """pandas' astype(str) writes a missing cell as "nan" (or "None", "<NA>"): read as text, every
+  product without an instance id would be one instance "nan", shared by listings of unrelated
+  products, and "nan" a caption thousands of products share."""
+  path = _manifest(tmp_path, [json.dumps(line).encode() for line in [
+      {'item_id': 'p0', 'label': 'shoes', 'instance_id': 'nan', 'caption': 'NaN', 'image': 'a.jpg',
+       'video': 'nan', 'tabular': {'color': 'nan', 'batteries': 'None', 'size': '<NA>'}},
+      {'item_id': 'p1', 'label': 'shoes', 'instance_id': 'None', 'caption': 'red shoe',
+       'tabular': 'nan', 'audio': 'None'},
+      {'item_id': 'p2', 'label': 'nan', 'caption': 'x'},
+  ]])
+  problems = raw.Problems()
+  p0, p1 = raw.read_manifest(path, problems)
+  assert p0['instance_id'] is None and p1['instance_id'] is None  # each its own instance
+  assert p0['caption'] == '' and p1['caption'] == 'red shoe'
+  assert p0['tabular'] == [('batteries', 'None')]  # a value "None" is a value
+  assert p1['tabular'] == [] and p0['video'] is None and p1['audio'] is None
+  assert [(kind, reason) for kind, _, reason in problems.items] == [
+      ('broken line', 'required field "label" is missing (it reads \'nan\': a missing cell)')]
+
+
 def test_captions_in_several_languages_and_category_paths(tmp_path):
   """Multi-locale shop exports write a title per language, and a product's category as its path
   in the category tree: every language is read, and the whole path is the label (the same leaf

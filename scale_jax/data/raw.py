@@ -79,8 +79,18 @@ class Problems:
     return f'{self.summary()}; the first: {where}: {reason}'
 
 
-def _is_gap(value) -> bool:
-  """null, or NaN: Python's json writes a pandas gap (a missing cell) as the literal NaN."""
+# What a missing cell becomes in a column cast to text (pandas' `astype(str)`: NaN, None, pd.NA,
+# NaT), and a null written as text.
+_GAP_WORDS = frozenset({'nan', 'none', 'null', '<na>', 'nat'})
+# A table value of "None" is a value ("batteries: None"); the other words are gaps there too.
+_TABLE_GAP_WORDS = _GAP_WORDS - {'none'}
+
+
+def _is_gap(value, words=_GAP_WORDS) -> bool:
+  """A missing cell: null, NaN (Python's json writes a pandas gap as the literal NaN), or one of
+  `words` as text (any case), as a column cast to text writes a gap."""
+  if isinstance(value, str):
+    return value.strip().lower() in words
   return value is None or (isinstance(value, float) and math.isnan(value))
 
 
@@ -179,7 +189,7 @@ def parse_table(table) -> list[tuple[str, str]]:
   for key, value in pairs:
     # A property of several values ("color": ["red", "blue"]) reads as "red, blue".
     values = value if isinstance(value, list) else [value]
-    texts = [_scalar_text(v) for v in values if not _is_gap(v)]
+    texts = [_scalar_text(v) for v in values if not _is_gap(v, _TABLE_GAP_WORDS)]
     if not texts:  # a property the product does not have (a sparse table's gap)
       continue
     if not isinstance(key, str) or None in texts:
@@ -247,7 +257,7 @@ def manifest_path(raw: str) -> str:
 def id_text(value) -> str | None:
   """An item id, instance id or label as text: a string as plain_text, in Unicode NFC, its
   whitespace collapsed; an integer as its digits (also an integral float, as pandas writes an
-  integer column with gaps); None when absent, blank or NaN (such a column's gap).
+  integer column with gaps); None when absent, blank or a gap (_is_gap: NaN, "nan", "None").
   Raises ValueError for any other JSON value."""
   if _is_gap(value):
     return None
@@ -324,7 +334,9 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
       problems.add('broken line', where, f'{field} {e}')
       return None
     if ids[field] is None and field != 'instance_id':
-      problems.add('broken line', where, f'required field "{field}" is missing')
+      written = record.get(field)
+      gap = f' (it reads {written!r}: a missing cell)' if _is_gap(written) and written else ''
+      problems.add('broken line', where, f'required field "{field}" is missing{gap}')
       return None
     if ids[field] is not None and not _is_text(ids[field]):
       problems.add('broken line', where, f'{field} is not valid UTF-8')
