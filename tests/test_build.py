@@ -188,14 +188,14 @@ def test_integer_ids_of_any_width_and_mixed_labels(catalogue, tmp_path):
 
 def test_unusable_ids_are_broken_lines(catalogue, tmp_path):
   def unusable(r, i, root):
-    edits = {0: {'label': [1]}, 1: {'instance_id': True}, 2: {'label': ' \t'},
+    edits = {0: {'label': {'id': 1}}, 1: {'instance_id': True}, 2: {'label': ' \t'},
              3: {'instance_id': float(r['instance_id'])}}  # pandas' integers: kept
     return dict(r, **edits.get(i, {}))
   originals = _edited(catalogue, tmp_path / 'raw', unusable)
   problems = _build(tmp_path / 'raw', tmp_path / 'out')
   assert dict(problems.counts) == {'broken line': 3}
   reasons = [reason for _, _, reason in problems.items]
-  assert 'label [1] is neither text nor an integer' in reasons[0]
+  assert "label {'id': 1} is neither text nor an integer" in reasons[0]
   assert 'instance_id True is neither text nor an integer' in reasons[1]
   assert 'required field "label" is missing' in reasons[2]
   built = _by_item(_records(tmp_path / 'out'))

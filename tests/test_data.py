@@ -193,6 +193,19 @@ def test_media_paths_written_on_windows_name_the_same_files(tmp_path):
   assert not problems
   assert p0['video'] == p1['video'] == str(tmp_path / 'videos' / 'v.mp4')
   assert p0['audio_in_video']  # one file, however its two paths are written
+  # A catalogue made on Windows or macOS, whose file systems compare names without letter case
+  # and Unicode form (macOS stores "é" as e + accent), names its files as they compare there.
+  (tmp_path / 'Images').mkdir()
+  for name in ('IMG_01.JPG', 'cafe\u0301.jpg', 'b.JPG', 'B.jpg'):
+    (tmp_path / 'Images' / name).write_bytes(b'not checked by read_manifest')
+  found = raw.read_manifest(_manifest(tmp_path, [json.dumps(line).encode() for line in [
+      {'item_id': 'p3', 'label': 1, 'image': 'images/img_01.jpg', 'video': 'Images\\Caf\u00e9.JPG'},
+      {'item_id': 'p4', 'label': 1, 'image': 'images/b.jpg', 'caption': 'x'}]]), problems)
+  assert found[0]['image'] == str(tmp_path / 'Images' / 'IMG_01.JPG')
+  assert found[0]['video'] == str(tmp_path / 'Images' / 'cafe\u0301.jpg')
+  assert found[1]['image'] is None  # b.JPG or B.jpg: which one is not for us to guess
+  assert [kind for kind, _, _ in problems.items] == ['missing file']
+  problems = raw.Problems()
   # A local file as a URI (percent-encoded), as some exports write its path.
   (tmp_path / 'videos' / 'a b.jpg').write_bytes(b'not checked by read_manifest')
   uri = (tmp_path / 'videos' / 'a b.jpg').as_uri()

@@ -312,9 +312,59 @@ def caption_text(caption) -> str:
   return _PART_SEPARATOR.join(texts)
 
 
-def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dict | None:
-  """One manifest line -> a product dict (absolute paths; broken modalities set to None), or
-  None for a line that has to be skipped."""
+def _key(name: str) -> str:
+  """A file name as Windows and macOS compare names: letter case ignored, and Unicode forms
+  (macOS stores "é" as e + accent, NFD; a manifest typed elsewhere has NFC)."""
+  return unicodedata.normalize('NFC', name).casefold()
+
+
+def _as_named_here(path: str, folders: dict) -> str | None:
+  """The file `path` names on a file system that compares names by _key, where exactly one
+  file matches each missing part; None otherwise. `folders` caches {folder: {key: [names]}}
+  (a folder is listed once, at its first miss)."""
+  head, missing = path, []
+  while not os.path.exists(head):
+    head, name = os.path.split(head)
+    if not name:
+      return None
+    missing.append(name)
+  for name in reversed(missing):
+    if head not in folders:
+      folders[head] = collections.defaultdict(list)
+      try:
+        for entry in os.listdir(head):
+          folders[head][_key(entry)].append(entry)
+      except OSError:
+        pass
+    matches = folders[head].get(_key(name), [])
+    if len(matches) != 1:
+      return None
+    head = os.path.join(head, matches[0])
+  return head if os.path.isfile(head) else None
+
+
+def _local_path(rel: str, root: str, folders: dict) -> str:
+  """The file a manifest's media path names: relative to the manifest (or absolute); a
+  `file://` URI (some exports write one) as its path; `\\` as the folder separator where the
+  path as written is not a file (a manifest written on Windows: images\\a.jpg); names compared
+  as Windows and macOS compare them (_key: `IMG_01.JPG` for img_01.jpg) where nothing has the
+  name as written. The path as written (made absolute) where nothing matches."""
+  if rel.startswith('file://'):
+    rel = urllib.parse.unquote(urllib.parse.urlparse(rel).path)
+  full = os.path.normpath(os.path.join(root, rel))  # ./a.jpg and a.jpg: one file
+  if os.path.isfile(full):
+    return full
+  if '\\' in rel:
+    full = os.path.normpath(os.path.join(root, rel.replace('\\', '/')))
+    if os.path.isfile(full):
+      return full
+  return _as_named_here(full, folders) or full
+
+
+def _read_product(line: bytes, where: str, root: str, problems: Problems,
+                  folders: dict) -> dict | None:
+  """One manifest line -> a product dict (absolute paths, _local_path; broken modalities set to
+  None), or None for a line that has to be skipped."""
   # surrogateescape keeps invalid UTF-8 bytes as lone surrogates, so the rest of the line still
   # parses and only the field holding them is lost.
   text = line.decode('utf-8', errors='surrogateescape')
@@ -365,11 +415,7 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems) -> dic
     if _is_gap(rel) or not rel:
       continue
     rel = str(rel)
-    if rel.startswith('file://'):  # a local file as a URI, as some exports write them
-      rel = urllib.parse.unquote(urllib.parse.urlparse(rel).path)
-    full = os.path.normpath(os.path.join(root, rel))  # ./a.jpg and a.jpg: one file
-    if not os.path.isfile(full) and '\\' in rel:  # a manifest written on Windows: images\a.jpg
-      full = os.path.normpath(os.path.join(root, rel.replace('\\', '/')))
+    full = _local_path(rel, root, folders)
     if not os.path.isfile(full):
       url = re.match(r'([A-Za-z]+)://', rel)
       reason = (f'a {url[1]}:// address: media are local files, relative to the manifest '
@@ -446,9 +492,9 @@ def read_manifest(path: str, problems: Problems | None = None) -> list[dict]:
   if not os.path.isfile(path):
     raise RawDataError(f'{path}: manifest not found (expected a JSONL file, see docs/data.md)')
   root = os.path.dirname(os.path.abspath(path))
-  products, seen = [], set()
+  products, seen, folders = [], set(), {}
   for where, line in _manifest_lines(path):
-    product = _read_product(line, where, root, problems)
+    product = _read_product(line, where, root, problems, folders)
     if product is None:
       continue
     if product['item_id'] in seen:
