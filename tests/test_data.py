@@ -206,6 +206,13 @@ def test_media_paths_written_on_windows_name_the_same_files(tmp_path):
   assert found[1]['image'] is None  # b.JPG or B.jpg: which one is not for us to guess
   assert [kind for kind, _, _ in problems.items] == ['missing file']
   problems = raw.Problems()
+  # A gallery, as scraped pages list a product's pictures: the first one is its main image.
+  gallery = raw.read_manifest(_manifest(tmp_path, [json.dumps(line).encode() for line in [
+      {'item_id': 'p5', 'label': 1, 'image': [None, '', 'a.jpg', 'videos/v.mp4']},
+      {'item_id': 'p6', 'label': 1, 'image': [{'src': 'a.jpg'}], 'caption': 'x'}]]), problems)
+  assert gallery[0]['image'] == str(tmp_path / 'a.jpg') and gallery[1]['image'] is None
+  assert [reason for _, _, reason in problems.items] == ['image is a JSON dict, not a path']
+  problems = raw.Problems()
   # A local file as a URI (percent-encoded), as some exports write its path.
   (tmp_path / 'videos' / 'a b.jpg').write_bytes(b'not checked by read_manifest')
   uri = (tmp_path / 'videos' / 'a b.jpg').as_uri()

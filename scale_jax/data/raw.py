@@ -412,7 +412,12 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems,
 
   for field in MEDIA + tuple(FEATURE_FIELDS.values()):
     rel, product[field] = record.get(field), None
+    if isinstance(rel, list):  # a gallery, as scraped pages list them: the first is the main one
+      rel = next((r for r in rel if not _is_gap(r) and r), None)
     if _is_gap(rel) or not rel:
+      continue
+    if isinstance(rel, (dict, list)):
+      problems.add('missing file', where, f'{field} is a JSON {type(rel).__name__}, not a path')
       continue
     rel = str(rel)
     full = _local_path(rel, root, folders)
