@@ -257,6 +257,18 @@ def test_a_gzipped_manifest_and_a_json_array_read_as_the_lines_would(tmp_path):
     raw.read_manifest(str(array), raw.Problems())
 
 
+def test_a_manifest_in_utf16_is_read(tmp_path):
+  """Windows PowerShell's `>` and Out-File write UTF-16 (a byte-order mark first)."""
+  lines = ['{"item_id": "p0", "label": "café", "caption": "红鞋"}', '{"item_id": "p1", "label": 2}']
+  for encoding in ('utf-16-le', 'utf-16-be'):
+    bom = '\ufeff'.encode(encoding)
+    (tmp_path / 'manifest.jsonl').write_bytes(bom + '\r\n'.join(lines).encode(encoding))
+    problems = raw.Problems()
+    products = raw.read_manifest(str(tmp_path / 'manifest.jsonl'), problems)
+    assert not problems and [p['item_id'] for p in products] == ['p0', 'p1']
+    assert products[0]['label'] == 'café' and products[0]['caption'] == '红鞋'
+
+
 def test_a_manifest_in_another_format_says_how_to_convert_it(tmp_path):
   """A catalogue kept in pandas is saved as CSV or Parquet more often than as JSON lines."""
   for name, content, says in [

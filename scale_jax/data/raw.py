@@ -7,6 +7,7 @@ kind: a product keeps its other modalities with the broken one marked absent, a 
 skipped, and the build ends with a summary. With `strict=True` the first problem raises
 RawDataError naming the file (and line) and the reason.
 """
+import codecs
 import collections
 import gzip
 import html
@@ -454,14 +455,25 @@ def _other_format(path: str, first_line: bytes) -> str | None:
   return None
 
 
+def _opened(path: str, head: bytes):
+  """The manifest opened to read UTF-8 bytes: gunzipped, or from UTF-16 (what Windows
+  PowerShell's `>` and Out-File write, a byte-order mark first) recoded line by line."""
+  if head == b'\x1f\x8b':
+    return gzip.open(path, 'rb')
+  if head in (b'\xff\xfe', b'\xfe\xff'):
+    return codecs.EncodedFile(open(path, 'rb'), data_encoding='utf-8', file_encoding='utf-16',
+                              errors='replace')
+  return open(path, 'rb')
+
+
 def _manifest_lines(path: str):
   """Yields (where, the JSON text of one product as bytes) from a JSONL manifest, gzipped or
   not, read line by line; or from a file holding one JSON array of products (what a JSON export
   often writes), whose elements count as its lines."""
   with open(path, 'rb') as f:
-    gzipped = f.read(2) == b'\x1f\x8b'
+    head = f.read(2)
   try:
-    with (gzip.open(path, 'rb') if gzipped else open(path, 'rb')) as f:
+    with _opened(path, head) as f:
       line_no, line = 1, f.readline().removeprefix(b'\xef\xbb\xbf')  # a Windows byte-order mark
       while line and not line.strip():
         line_no, line = line_no + 1, f.readline()
