@@ -295,7 +295,9 @@ def test_a_file_that_cannot_be_read_says_why(tmp_path):
   path = _manifest(tmp_path, [
       b'{"item_id": "p0", "label": 1, "caption": "x", "image": "https://shop.example/1.jpg"}',
       b'{"item_id": "p1", "label": 1, "caption": "x", "image": "a_directory.jpg"}',
-      b'{"item_id": "p2", "label": 1, "caption": "x", "image": "nope.jpg"}'])
+      b'{"item_id": "p2", "label": 1, "caption": "x", "image": "nope.jpg"}',
+      b'{"item_id": "p3", "label": 1, "caption": "x", "image": "data:image/gif;base64,' +
+      b'R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7"}'])
   problems = raw.Problems()
   raw.read_manifest(path, problems)
   reasons = [reason for _, _, reason in problems.items]
@@ -303,7 +305,10 @@ def test_a_file_that_cannot_be_read_says_why(tmp_path):
       f'image file named on {path}:1: a https:// address: media are local files, relative to '
       f'the manifest (download them first)',
       f'image file named on {path}:2: a directory, not a file',
-      f'image file named on {path}:3: does not exist']
+      f'image file named on {path}:3: does not exist',
+      f'image file named on {path}:4: a data: URI, the file inline (scraped pages put a '
+      f'lazy-loading placeholder there): media are local files, write it to one']
+  assert problems.items[3][1] == 'data:image/gif;base64,R0lGODlhAQABAIAAAA...'
   (tmp_path / 'empty.jpg').write_bytes(b'')
   (tmp_path / 'text.jpg').write_bytes(b'<html>not an image</html>')
   sound = io.BytesIO()

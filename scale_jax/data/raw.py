@@ -424,10 +424,14 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems,
     full = _local_path(rel, root, folders)
     if not os.path.isfile(full):
       url = re.match(r'([A-Za-z]+)://', rel)
+      inline = rel[:5].lower() == 'data:'
       reason = (f'a {url[1]}:// address: media are local files, relative to the manifest '
                 f'(download them first)' if url else
+                'a data: URI, the file inline (scraped pages put a lazy-loading placeholder '
+                'there): media are local files, write it to one' if inline else
                 'a directory, not a file' if os.path.isdir(full) else 'does not exist')
-      problems.add('missing file', rel if url else full, f'{field} file named on {where}: {reason}')
+      named = rel if url else f'{rel[:40]}...' if inline else full
+      problems.add('missing file', named, f'{field} file named on {where}: {reason}')
       continue
     product[field] = full
   if product['audio'] and product['audio'] == product['video']:
