@@ -269,6 +269,30 @@ def test_a_catalogue_of_one_label_is_warned_about(catalogue, tmp_path, capsys):
           and 'warning: every product has the same label' in out)
 
 
+def test_a_placeholder_image_many_instances_share_is_warned_about(catalogue, tmp_path, capsys):
+  """A shop's "no image" picture, named by products of 12 of the 29 instances (at least 10 are
+  needed); the video one instance's listings share is theirs, not a placeholder."""
+  originals = _manifest(catalogue)
+  first = {}
+  for i, r in enumerate(originals):
+    first.setdefault(r['instance_id'], i)
+  placeholder = set(list(first.values())[:12])
+  def shared(r, i, root):
+    if i in placeholder:
+      r['image'] = originals[0]['image']
+    if r['instance_id'] == originals[1]['instance_id']:
+      r['video'] = originals[1]['video']
+    return r
+  _edited(catalogue, tmp_path / 'raw', shared)
+  build.main(['--raw', str(tmp_path / 'raw'), '--out', str(tmp_path / 'out'),
+              '--vocab-size', '400', '--val-fraction', '0', '--workers', '1'])
+  path = str(tmp_path / 'raw' / originals[0]['image'])
+  assert (f'warning: 12 instances share one image file, {path} (a placeholder?'
+          in capsys.readouterr().out)
+  with open(build.report_path(str(tmp_path / 'out')), encoding='utf-8') as f:
+    assert json.load(f)['shared_media'] == [{'field': 'image', 'path': path, 'instances': 12}]
+
+
 def test_presence_index_matches_the_records(catalogue, tmp_path):
   def some_features(r, i, root):
     if i % 3 == 0:

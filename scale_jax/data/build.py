@@ -7,9 +7,9 @@ Writes (to a local OUT; copy it to a bucket afterwards, and runs read it from th
 local) OUT/tokenizer.model, OUT/scale_products/1.2.0/ (array_record, splits train, validation and
 test), OUT/categories.json (the category names by dense label and the instance count),
 OUT/presence.npz (each split's `present` and `features_present`, in record order) and
-OUT/build_report.json (every problem found, by kind). Splits go by instance, so no physical
-product is in two of them; a split that would be empty stops the build before anything is
-written. Labels and instance ids (text or integers in the manifest) are stored as dense integers.
+OUT/build_report.json (every problem found, by kind, and the media files many instances share:
+shared_media). Splits go by instance, so no physical product is in two of them; a split that
+would be empty stops the build before anything is written. Labels and instance ids (text or integers in the manifest) are stored as dense integers.
 Media and feature files are checked (decoded once, in worker processes) and stored encoded; the
 Grain pipeline decodes them. A broken modality is counted and marked absent, a broken line counted
 and skipped; `--strict` stops at the first problem instead, naming the file and the reason.
@@ -164,6 +164,22 @@ def usable(products, problems):
       problems.add('no usable modality', p['where'],
                    f'product {p["item_id"]} has no usable modality')
   return kept
+
+
+def shared_media(products: list[dict]) -> list[dict]:
+  """The media files that products of many instances (at least 10, and 1% of all) name, most
+  named first: a shop's "no image" placeholder, a brand banner, a stock video. Each is the same
+  input for unrelated products, so it teaches the contrastive losses nothing about any of them;
+  reported, not dropped (a catalogue may mean it)."""
+  instances = collections.defaultdict(set)
+  for p in products:
+    for field in raw.MEDIA:
+      if p[field] and not (field == 'audio' and p['audio_in_video']):
+        instances[(field, p[field])].add(p['instance_index'])
+  least = max(10, len({p['instance_index'] for p in products}) // 100)
+  shared = [{'field': field, 'path': path, 'instances': len(named)}
+            for (field, path), named in instances.items() if len(named) >= least]
+  return sorted(shared, key=lambda s: -s['instances'])
 
 
 _INTEGER = re.compile(r'-?[0-9]+')
@@ -357,7 +373,8 @@ def build(raw_dir: str, out: str, vocab_size: int = 1000, test_fraction: float =
               ensure_ascii=False)
   with open(report_path(out), 'w', encoding='utf-8') as f:
     json.dump({'products': len(products), 'problems': dict(problems.counts),
-               'details': [dict(zip(('kind', 'where', 'reason'), p)) for p in problems.items]},
+               'details': [dict(zip(('kind', 'where', 'reason'), p)) for p in problems.items],
+               'shared_media': shared_media(products)},
               f, indent=1, ensure_ascii=False)
   return problems
 
@@ -390,6 +407,14 @@ def main(argv=None):
         + tokenizer_path(args.out))
   print(f'bad input: {problems.summary()}'
         + (f' (each one in {report_path(args.out)})' if problems else ''))
+  with open(report_path(args.out), encoding='utf-8') as f:
+    shared = json.load(f)['shared_media']
+  for s in shared[:3]:
+    print(f'warning: {s["instances"]} instances share one {s["field"]} file, {s["path"]} (a '
+          f'placeholder? it teaches nothing about any of them): give them their own, or leave '
+          f'the field out for those without one'
+          + (f' ({len(shared)} such files, all in {report_path(args.out)})'
+             if len(shared) > 3 and s is shared[0] else ''))
   if categories == 1:
     print('warning: every product has the same label: coarse-grained retrieval, classification '
           'and clustering will score 100% for any model; give each product its category in '
