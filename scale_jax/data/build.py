@@ -9,7 +9,8 @@ test), OUT/categories.json (the category names by dense label and the instance c
 OUT/presence.npz (each split's `present` and `features_present`, in record order) and
 OUT/build_report.json (every problem found, by kind, and the media files many instances share:
 shared_media). Splits go by instance, so no physical product is in two of them; a split that
-would be empty stops the build before anything is written. Labels and instance ids (text or integers in the manifest) are stored as dense integers.
+would be empty stops the build before anything is written. Labels and instance ids (text or
+integers in the manifest) are stored as dense integers.
 Media and feature files are checked (decoded once, in worker processes) and stored encoded; the
 Grain pipeline decodes them. A broken modality is counted and marked absent, a broken line counted
 and skipped; `--strict` stops at the first problem instead, naming the file and the reason.
