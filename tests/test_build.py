@@ -293,6 +293,32 @@ def test_a_placeholder_image_many_instances_share_is_warned_about(catalogue, tmp
     assert json.load(f)['shared_media'] == [{'field': 'image', 'path': path, 'instances': 12}]
 
 
+def test_fields_nothing_reads_are_warned_about(catalogue, tmp_path, capsys):
+  """An export that calls the caption "title" trains as products without captions, unless
+  someone says so; a field kept for other uses ("price") is named too."""
+  def renamed(r, i, root):
+    r['title'] = r.pop('caption')
+    return dict(r, price=9.5) if i % 2 else r
+  _edited(catalogue, tmp_path / 'raw', renamed)
+  build.main(['--raw', str(tmp_path / 'raw'), '--out', str(tmp_path / 'out'),
+              '--vocab-size', '400', '--val-fraction', '0', '--workers', '1'])
+  with open(build.report_path(str(tmp_path / 'out')), encoding='utf-8') as f:
+    report = json.load(f)  # (products with a caption alone are left out: no usable modality)
+  title, price = report['unread_fields']
+  assert title == {'field': 'title', 'products': report['products'], 'meant': 'caption'}
+  assert price['field'] == 'price' and price['meant'] is None
+  assert (f'warning: fields nothing reads (docs/data.md names the fields): title '
+          f'({report["products"]} products: the caption? name it "caption"), price '
+          f'({price["products"]} products)' in capsys.readouterr().out)
+  # A required field under another name: the broken line says which one it may be.
+  path = tmp_path / 'manifest.jsonl'
+  path.write_text('{"item_id": "p0", "category": "shoes", "caption": "x"}\n')
+  problems = raw.Problems()
+  with pytest.raises(raw.RawDataError, match='required field "label" is missing; the line has '
+                                             '"category": if that is the label, name it "label"'):
+    raw.read_manifest(str(path), problems)
+
+
 def test_presence_index_matches_the_records(catalogue, tmp_path):
   def some_features(r, i, root):
     if i % 3 == 0:

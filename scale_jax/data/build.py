@@ -7,10 +7,11 @@ Writes (to a local OUT; copy it to a bucket afterwards, and runs read it from th
 local) OUT/tokenizer.model, OUT/scale_products/1.2.0/ (array_record, splits train, validation and
 test), OUT/categories.json (the category names by dense label and the instance count),
 OUT/presence.npz (each split's `present` and `features_present`, in record order) and
-OUT/build_report.json (every problem found, by kind, and the media files many instances share:
-shared_media). Splits go by instance, so no physical product is in two of them; a split that
-would be empty stops the build before anything is written. Labels and instance ids (text or
-integers in the manifest) are stored as dense integers.
+OUT/build_report.json (every problem found, by kind; the media files many instances share,
+shared_media; the manifest's fields nothing reads, unread_fields). Splits go by instance, so no
+physical product is in two of them; a split that would be empty stops the build before anything
+is written. Labels and instance ids (text or integers in the manifest) are stored as dense
+integers.
 Media and feature files are checked (decoded once, in worker processes) and stored encoded; the
 Grain pipeline decodes them. A broken modality is counted and marked absent, a broken line counted
 and skipped; `--strict` stops at the first problem instead, naming the file and the reason.
@@ -181,6 +182,19 @@ def shared_media(products: list[dict]) -> list[dict]:
   shared = [{'field': field, 'path': path, 'instances': len(named)}
             for (field, path), named in instances.items() if len(named) >= least]
   return sorted(shared, key=lambda s: -s['instances'])
+
+
+def unread_fields(products: list[dict]) -> list[dict]:
+  """The manifest's fields nothing reads, most used first, each with the field it likely means
+  (raw.FIELD_ALIASES: "title" for "caption") where fewer products have that one."""
+  counts = collections.Counter(k for p in products for k in p['unread'])
+  out = []
+  for name, n in counts.most_common():
+    meant = raw.FIELD_ALIASES.get(name.lower())
+    if meant and sum(bool(p.get(meant)) for p in products) >= n:
+      meant = None
+    out.append({'field': name, 'products': n, 'meant': meant})
+  return out
 
 
 _INTEGER = re.compile(r'-?[0-9]+')
@@ -375,7 +389,7 @@ def build(raw_dir: str, out: str, vocab_size: int = 1000, test_fraction: float =
   with open(report_path(out), 'w', encoding='utf-8') as f:
     json.dump({'products': len(products), 'problems': dict(problems.counts),
                'details': [dict(zip(('kind', 'where', 'reason'), p)) for p in problems.items],
-               'shared_media': shared_media(products)},
+               'shared_media': shared_media(products), 'unread_fields': unread_fields(products)},
               f, indent=1, ensure_ascii=False)
   return problems
 
@@ -409,7 +423,13 @@ def main(argv=None):
   print(f'bad input: {problems.summary()}'
         + (f' (each one in {report_path(args.out)})' if problems else ''))
   with open(report_path(args.out), encoding='utf-8') as f:
-    shared = json.load(f)['shared_media']
+    report = json.load(f)
+  if unread := report['unread_fields']:
+    print('warning: fields nothing reads (docs/data.md names the fields): ' + ', '.join(
+        f'{u["field"]} ({u["products"]} products'
+        + (f': the {u["meant"]}? name it "{u["meant"]}")' if u['meant'] else ')')
+        for u in unread))
+  shared = report['shared_media']
   for s in shared[:3]:
     print(f'warning: {s["instances"]} instances share one {s["field"]} file, {s["path"]} (a '
           f'placeholder? it teaches nothing about any of them): give them their own, or leave '

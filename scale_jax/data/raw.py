@@ -30,6 +30,19 @@ MEDIA = tuple(m for m in modalities.MODALITIES if not modalities.get(m).discrete
 # modality, read instead of the media when the config says `source='features'`.
 FEATURE_FIELDS = {m: f'{m}_features' for m in MEDIA}
 
+# The fields a manifest line is read for. Any other is reported (build.unread_fields): a caption
+# given as "title" would otherwise train as products without a caption, and no error says so.
+READ_FIELDS = frozenset({'item_id', 'label', 'instance_id', FIELDS['text'], FIELDS['table'],
+                         *MEDIA, *FEATURE_FIELDS.values()})
+# What other exports call them, for the report to name the field meant.
+FIELD_ALIASES = {
+    'title': 'caption', 'name': 'caption', 'text': 'caption', 'description': 'caption',
+    'product_name': 'caption', 'table': 'tabular', 'properties': 'tabular',
+    'attributes': 'tabular', 'specs': 'tabular', 'category': 'label', 'class': 'label',
+    'category_id': 'label', 'id': 'item_id', 'product_id': 'item_id', 'img': 'image',
+    'image_path': 'image', 'picture': 'image', 'main_image': 'image', 'video_path': 'video',
+    'audio_path': 'audio', 'sound': 'audio'}
+
 # Every kind of bad input, in the order the summary lists them.
 PROBLEM_KINDS = (
     'broken line',  # not JSON, not an object, no item_id / label, or an id that is neither
@@ -387,6 +400,9 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems,
     if ids[field] is None and field != 'instance_id':
       written = record.get(field)
       gap = f' (it reads {written!r}: a missing cell)' if _is_gap(written) and written else ''
+      alias = next((k for k in record if FIELD_ALIASES.get(k.lower()) == field), None)
+      if alias:
+        gap += f'; the line has "{alias}": if that is the {field}, name it "{field}"'
       problems.add('broken line', where, f'required field "{field}" is missing{gap}')
       return None
     if ids[field] is not None and not _is_text(ids[field]):
@@ -394,7 +410,8 @@ def _read_product(line: bytes, where: str, root: str, problems: Problems,
       return None
 
   # instance_id None: the product is its own instance.
-  product = dict(ids, where=where, audio_in_video=False)
+  product = dict(ids, where=where, audio_in_video=False,
+                 unread=sorted(k for k in record if k not in READ_FIELDS))
   try:
     product['caption'] = caption_text(record.get('caption'))  # blanks alone are no caption
   except ValueError as e:
