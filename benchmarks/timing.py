@@ -71,18 +71,34 @@ def xla_flags() -> str:
   return os.environ.get('XLA_FLAGS', '').strip() or 'none'
 
 
+# The kernel's transparent-huge-page mode: with `madvise` only memory that asks for huge pages
+# (glibc.malloc.hugetlb=1) is faulted in 2 MB at a time; with `always` all of it is.
+TRANSPARENT_HUGEPAGE = '/sys/kernel/mm/transparent_hugepage/enabled'
+
+
+def transparent_huge_pages() -> str:
+  """The kernel's transparent-huge-page mode (always, madvise, never), or 'unknown'."""
+  try:
+    with open(TRANSPARENT_HUGEPAGE) as f:
+      modes = f.read().split()
+  except OSError:
+    return 'unknown'
+  chosen = [m[1:-1] for m in modes if m.startswith('[') and m.endswith(']')]
+  return chosen[0] if chosen else 'unknown'
+
+
 def allocator() -> str:
   """The malloc this process runs on, for the report: XLA:CPU allocates every step's buffers
   afresh, and glibc's malloc hands large ones back to the kernel, which faults them in again each
-  step, unless a preloaded caching allocator (tcmalloc) or glibc's own settings (GLIBC_TUNABLES,
-  MALLOC_*) keep them (docs/benchmarks.md)."""
+  step, 4 KB at a time, unless a preloaded caching allocator (tcmalloc) or glibc's own settings
+  (GLIBC_TUNABLES, MALLOC_*) keep them, or huge pages make the faults 512 times fewer
+  (docs/benchmarks.md)."""
   preloaded = [os.path.basename(p) for p in os.environ.get('LD_PRELOAD', '').replace(':', ' ')
                .split() if 'malloc' in os.path.basename(p)]
-  if preloaded:
-    return ', '.join(preloaded)
   settings = [f'{k}={v}' for k, v in sorted(os.environ.items())
               if k == 'GLIBC_TUNABLES' or k.startswith('MALLOC_')]
-  return ' '.join(['glibc malloc', *settings])
+  name = ', '.join(preloaded) if preloaded else ' '.join(['glibc malloc', *settings])
+  return f'{name}; transparent huge pages: {transparent_huge_pages()}'
 
 
 def peak_rss_gb() -> float:

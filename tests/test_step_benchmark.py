@@ -112,7 +112,7 @@ def test_xla_flags_times_each_setting_in_its_own_process_on_top_of_the_callers_f
   # it); each run names its peak memory and its allocator, with glibc's settings.
   assert re.search(r"^round 1, MALLOC_ARENA_MAX=2, XLA_FLAGS \+ '': step_ms [0-9.]+ \(f32 "
                    r"ceiling \d+ GFLOP/s; peak memory [0-9.]+ GB; allocator glibc malloc "
-                   r"MALLOC_ARENA_MAX=2; the run's XLA_FLAGS: ", out, re.MULTILINE), out
+                   r"MALLOC_ARENA_MAX=2; transparent huge pages: \w+; the run's XLA_FLAGS: ", out, re.MULTILINE), out
   suite = os.environ['XLA_FLAGS'].strip()
   # Each run reports the flags it ran under: the suite's own, and the variant's after them.
   assert re.search(rf"^round 1, XLA_FLAGS \+ '': step_ms [0-9.]+ .*the run's XLA_FLAGS: "
@@ -132,12 +132,19 @@ def test_xla_flags_times_each_setting_in_its_own_process_on_top_of_the_callers_f
   assert 'train_step.py under XLA_FLAGS=' in proc.stderr and 'xla_no_such_flag' in proc.stderr
 
 
-def test_the_allocator_is_named_from_the_preloaded_libraries(monkeypatch):
+def test_the_allocator_is_named_from_the_preloaded_libraries(monkeypatch, tmp_path):
+  thp = tmp_path / 'enabled'
+  thp.write_text('always [madvise] never\n')
+  monkeypatch.setattr(timing, 'TRANSPARENT_HUGEPAGE', str(thp))
   monkeypatch.setenv('LD_PRELOAD', '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:/x/libz.so')
-  assert timing.allocator() == 'libtcmalloc_minimal.so.4'
+  assert timing.allocator() == 'libtcmalloc_minimal.so.4; transparent huge pages: madvise'
   monkeypatch.delenv('LD_PRELOAD')
   for name in [k for k in os.environ if k == 'GLIBC_TUNABLES' or k.startswith('MALLOC_')]:
     monkeypatch.delenv(name)  # glibc's settings of the machine running the suite
-  assert timing.allocator() == 'glibc malloc'
-  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=1')
-  assert timing.allocator() == 'glibc malloc GLIBC_TUNABLES=glibc.malloc.arena_max=1'
+  assert timing.allocator() == 'glibc malloc; transparent huge pages: madvise'
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
+  thp.write_text('[always] madvise never\n')
+  assert timing.allocator() == ('glibc malloc GLIBC_TUNABLES=glibc.malloc.hugetlb=1; '
+                                'transparent huge pages: always')
+  thp.unlink()  # a kernel without transparent huge pages
+  assert timing.allocator().endswith('; transparent huge pages: unknown')
