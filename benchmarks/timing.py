@@ -72,7 +72,7 @@ def xla_flags() -> str:
 
 
 # The kernel's transparent-huge-page mode: with `madvise` only memory that asks for huge pages
-# (glibc.malloc.hugetlb=1) is faulted in 2 MB at a time; with `always` all of it is.
+# (glibc.malloc.hugetlb=1) is faulted in 2 MiB at a time; with `always` all of it is.
 TRANSPARENT_HUGEPAGE = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
@@ -90,9 +90,9 @@ def transparent_huge_pages() -> str:
 def allocator() -> str:
   """The malloc this process runs on, for the report: XLA:CPU allocates every step's buffers
   afresh, and glibc's malloc hands large ones back to the kernel, which faults them in again each
-  step, 4 KB at a time, unless a preloaded caching allocator (tcmalloc) or glibc's own settings
-  (GLIBC_TUNABLES, MALLOC_*) keep them, or huge pages make the faults 512 times fewer
-  (docs/benchmarks.md)."""
+  step, 4 KiB at a time, unless a preloaded caching allocator (tcmalloc) or glibc's own settings
+  (GLIBC_TUNABLES, MALLOC_*) keep them, or fault them in as 2 MiB huge pages
+  (glibc.malloc.hugetlb=1, where the kernel's mode allows; docs/benchmarks.md)."""
   preloaded = [os.path.basename(p) for p in os.environ.get('LD_PRELOAD', '').replace(':', ' ')
                .split() if 'malloc' in os.path.basename(p)]
   settings = [f'{k}={v}' for k, v in sorted(os.environ.items())

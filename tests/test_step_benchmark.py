@@ -112,7 +112,8 @@ def test_xla_flags_times_each_setting_in_its_own_process_on_top_of_the_callers_f
   # it); each run names its peak memory and its allocator, with glibc's settings.
   assert re.search(r"^round 1, MALLOC_ARENA_MAX=2, XLA_FLAGS \+ '': step_ms [0-9.]+ \(f32 "
                    r"ceiling \d+ GFLOP/s; peak memory [0-9.]+ GB; allocator glibc malloc "
-                   r"MALLOC_ARENA_MAX=2; transparent huge pages: \w+; the run's XLA_FLAGS: ", out, re.MULTILINE), out
+                   r"MALLOC_ARENA_MAX=2; transparent huge pages: \w+; the run's XLA_FLAGS: ", out,
+                   re.MULTILINE), out
   suite = os.environ['XLA_FLAGS'].strip()
   # Each run reports the flags it ran under: the suite's own, and the variant's after them.
   assert re.search(rf"^round 1, XLA_FLAGS \+ '': step_ms [0-9.]+ .*the run's XLA_FLAGS: "
