@@ -8,7 +8,8 @@ import jax
 import numpy as np
 
 from scale_jax import model_info, modalities, sharding
-from scale_jax.train import build_train_setup, measure_peak_tflops, xla_flops
+from scale_jax.train import (build_train_setup, measure_peak_tflops, transparent_huge_pages,
+                              xla_flops)
 
 
 def matmul_ceiling_tflops(dtype) -> float:
@@ -69,22 +70,6 @@ def xla_flags() -> str:
   """This process's XLA_FLAGS, for the report: they can change which kernels run (e.g. every dot
   through Eigen) and how many devices the cores are split into (docs/benchmarks.md)."""
   return os.environ.get('XLA_FLAGS', '').strip() or 'none'
-
-
-# The kernel's transparent-huge-page mode: with `madvise` only memory that asks for huge pages
-# (glibc.malloc.hugetlb=1) is faulted in 2 MiB at a time; with `always` all of it is.
-TRANSPARENT_HUGEPAGE = '/sys/kernel/mm/transparent_hugepage/enabled'
-
-
-def transparent_huge_pages() -> str:
-  """The kernel's transparent-huge-page mode (always, madvise, never), or 'unknown'."""
-  try:
-    with open(TRANSPARENT_HUGEPAGE) as f:
-      modes = f.read().split()
-  except OSError:
-    return 'unknown'
-  chosen = [m[1:-1] for m in modes if m.startswith('[') and m.endswith(']')]
-  return chosen[0] if chosen else 'unknown'
 
 
 def allocator() -> str:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from benchmarks import timing
+from scale_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,7 +137,7 @@ def test_xla_flags_times_each_setting_in_its_own_process_on_top_of_the_callers_f
 def test_the_allocator_is_named_from_the_preloaded_libraries(monkeypatch, tmp_path):
   thp = tmp_path / 'enabled'
   thp.write_text('always [madvise] never\n')
-  monkeypatch.setattr(timing, 'TRANSPARENT_HUGEPAGE', str(thp))
+  monkeypatch.setattr(train, 'TRANSPARENT_HUGEPAGE', str(thp))
   monkeypatch.setenv('LD_PRELOAD', '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:/x/libz.so')
   assert timing.allocator() == 'libtcmalloc_minimal.so.4; transparent huge pages: madvise'
   monkeypatch.delenv('LD_PRELOAD')

@@ -280,6 +280,28 @@ def test_mfu_peak_is_in_the_dtype_the_matmuls_run_in():
   assert trainer.matmul_dtype(config) == 'bfloat16'
 
 
+def test_a_cpu_run_is_told_of_huge_pages_only_where_they_would_help(monkeypatch, tmp_path):
+  thp = tmp_path / 'enabled'  # the kernel's transparent-huge-page mode
+  monkeypatch.setattr(trainer, 'TRANSPARENT_HUGEPAGE', str(thp))
+  for name in ('LD_PRELOAD', 'GLIBC_TUNABLES'):
+    monkeypatch.delenv(name, raising=False)
+  thp.write_text('always [madvise] never\n')
+  assert 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1' in trainer.cpu_allocator_tip()
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
+  assert trainer.cpu_allocator_tip() is None  # asked for already
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0')
+  assert trainer.cpu_allocator_tip() is None  # glibc tuned another way
+  monkeypatch.delenv('GLIBC_TUNABLES')
+  monkeypatch.setenv('LD_PRELOAD', '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4')
+  assert trainer.cpu_allocator_tip() is None  # a caching malloc
+  monkeypatch.delenv('LD_PRELOAD')
+  for mode in ('[always] madvise never', 'always madvise [never]'):
+    thp.write_text(mode)  # huge pages unasked, or none to be had
+    assert trainer.cpu_allocator_tip() is None
+  thp.unlink()  # a kernel without transparent huge pages
+  assert trainer.cpu_allocator_tip() is None
+
+
 # ------------------------------------------------------------------------------------------------
 # A non-finite loss.
 
