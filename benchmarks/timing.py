@@ -8,8 +8,8 @@ import jax
 import numpy as np
 
 from scale_jax import model_info, modalities, sharding
-from scale_jax.train import (build_train_setup, measure_peak_tflops, transparent_huge_pages,
-                              xla_flops)
+from scale_jax.train import (build_train_setup, measure_peak_tflops, preloaded_mallocs,
+                              transparent_huge_pages, xla_flops)
 
 
 def matmul_ceiling_tflops(dtype) -> float:
@@ -78,8 +78,7 @@ def allocator() -> str:
   step, 4 KiB at a time, unless a preloaded caching allocator (tcmalloc) or glibc's own settings
   (GLIBC_TUNABLES, MALLOC_*) keep them, or fault them in as 2 MiB huge pages
   (glibc.malloc.hugetlb=1, where the kernel's mode allows; docs/benchmarks.md)."""
-  preloaded = [os.path.basename(p) for p in os.environ.get('LD_PRELOAD', '').replace(':', ' ')
-               .split() if 'malloc' in os.path.basename(p)]
+  preloaded = preloaded_mallocs()
   settings = [f'{k}={v}' for k, v in sorted(os.environ.items())
               if k == 'GLIBC_TUNABLES' or k.startswith('MALLOC_')]
   name = ', '.join(preloaded) if preloaded else ' '.join(['glibc malloc', *settings])

@@ -265,12 +265,18 @@ def transparent_huge_pages() -> str:
   return chosen[0] if chosen else 'unknown'
 
 
+def preloaded_mallocs() -> list[str]:
+  """The file names of the malloc libraries in LD_PRELOAD (e.g. libtcmalloc_minimal.so.4)."""
+  return [os.path.basename(p) for p in os.environ.get('LD_PRELOAD', '').replace(':', ' ').split()
+          if 'malloc' in os.path.basename(p)]
+
+
 def cpu_allocator_tip() -> str | None:
   """What to set where a CPU step's buffers are faulted in 4 KiB at a time, every step: XLA:CPU
   allocates them afresh and glibc's malloc gives them back. None where a malloc is preloaded,
   glibc's malloc is already tuned, or the kernel gives huge pages unasked (or never)."""
-  if 'malloc' in os.environ.get('LD_PRELOAD', '') or 'glibc.malloc.' in os.environ.get(
-      'GLIBC_TUNABLES', '') or transparent_huge_pages() != 'madvise':
+  if preloaded_mallocs() or 'glibc.malloc.' in os.environ.get('GLIBC_TUNABLES', '') or (
+      transparent_huge_pages() != 'madvise'):
     return None
   return ('tip: on a CPU, GLIBC_TUNABLES=glibc.malloc.hugetlb=1 lets glibc fault each step\'s '
           'buffers in as 2 MiB pages, with nothing to install: the steps ran 1.1x to 1.5x faster '
