@@ -95,6 +95,11 @@ def get_config():
       # or AMX only).
       # Choose per machine with benchmarks/train_step.py --matmul (docs/benchmarks.md).
       matmul='float32',
+      # The attention core: 'jax' (jax.nn.dot_product_attention) or 'heads_major' (the same
+      # arithmetic with the heads axis before the tokens; fewer layout copies on XLA:CPU, faster
+      # on AMD Zen 5 and not yet timed on Intel). Choose per machine with benchmarks/train_step.py
+      # --compare "model.attention='heads_major'" (docs/benchmarks.md).
+      attention='jax',
   )
   # Coefficient of each objective in the total loss.
   c.loss = dict(contrastive=1.0, mlm=1.0, mem=1.0, mrm=1.0, mfp=1.0, mam=1.0)

@@ -20,8 +20,11 @@ def _model_problems(m) -> list:
   choices = {'weighting': losses.WEIGHTINGS, 'contrastive': ('infonce', 'nt_xent'),
              'absent': ('mask', 'zero'), 'masked_heads_on': ('joint', 'encoder'),
              'remat': tuple(layers.REMAT_POLICIES), 'matmul': tuple(layers.MATMULS),
+             'attention': tuple(layers.ATTENTIONS),
              'dtype': ('float32', 'bfloat16')}
   for field, allowed in choices.items():
+    if field in ('matmul', 'attention') and field not in m:
+      continue  # a run saved before the field existed: the model takes the first choice
     if m[field] not in allowed:
       problems.append(f'config.model.{field}={m[field]!r}: one of {", ".join(allowed)}')
   return problems

@@ -151,11 +151,46 @@ def constrain(x, logical_axes, mesh):
   return nn.with_logical_constraint(x, logical_axes, rules=sharding.LOGICAL_RULES, mesh=mesh)
 
 
+# model.attention: how the attention core (scores, mask, softmax, weighted values) is written.
+# 'jax' is jax.nn.dot_product_attention, whose einsums take q, k and v as [batch, length, heads,
+# head_dim]. 'heads_major' is the same arithmetic on [batch, heads, length, head_dim] copies, so
+# that every batched dot, forward and backward, has its batch axes leading: XLA:CPU then writes
+# fewer layout copies around them (the whole clip_peer step 1.05x in f32 and 1.16x with
+# bf16_operands on AMD Zen 5, docs/benchmarks.md). Same outputs and gradients to rounding
+# (tests/test_attention.py). Choose per machine with benchmarks/train_step.py --compare.
+def jax_attention(q, k, v, key_valid):
+  return jax.nn.dot_product_attention(q, k, v, mask=key_valid[:, None, None, :])
+
+
+def heads_major_attention(q, k, v, key_valid):
+  """softmax(q k^T / sqrt(head_dim), over the keys where key_valid) v, for q, k, v [B, S, H, D]
+  and key_valid [B, S]; returns [B, S, H, D]. As jax.nn.dot_product_attention computes it: f32
+  logits and softmax, the probabilities in v's dtype, and a query without any valid key
+  attending to all keys alike."""
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)  # [B, S, H, D] <-> [B, H, S, D]
+  q, k, v = heads_first(q), heads_first(k), heads_first(v)
+  logits = jnp.einsum('bhtd,bhsd->bhts', q, k, preferred_element_type=jnp.float32)
+  logits = jnp.where(key_valid[:, None, None, :], logits * q.shape[-1] ** -0.5,
+                     -0.7 * float(jnp.finfo(jnp.float32).max))  # jax.nn's masked logit
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return heads_first(jnp.einsum('bhts,bhsd->bhtd', probs, v))
+
+
+ATTENTIONS = {'jax': jax_attention, 'heads_major': heads_major_attention}
+
+
+def attention_for(attention: str):
+  if attention not in ATTENTIONS:
+    raise ValueError(f'model.attention must be one of {list(ATTENTIONS)}, not {attention!r}')
+  return ATTENTIONS[attention]
+
+
 class Attention(nn.Module):
   """Multi-head self-attention; `key_valid` [B, S] keeps padding and absent modalities out."""
   heads: int
   dtype: jnp.dtype = jnp.float32
   matmul: str = 'float32'
+  attention: str = 'jax'  # model.attention
   mesh: Any = None  # a jax.sharding.Mesh: activations are constrained to it (see constrain)
 
   @nn.compact
@@ -169,8 +204,7 @@ class Attention(nn.Module):
         bias_init=partitioned(nn.initializers.zeros, (None, 'heads', 'kv')))(x)
     q, k, v = (constrain(qkv[:, :, i], ('batch', 'length', 'heads', 'kv'), self.mesh)
                for i in range(3))
-    # One fused XLA attention (cuDNN flash attention on GPU where shapes allow).
-    out = jax.nn.dot_product_attention(q, k, v, mask=key_valid[:, None, None, :])
+    out = attention_for(self.attention)(q, k, v, key_valid)
     return nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype, name='out',
         dot_general=dot_general_for(self.matmul),
@@ -185,13 +219,15 @@ class Block(nn.Module):
   dtype: jnp.dtype = jnp.float32
   scanned: bool = False
   matmul: str = 'float32'
+  attention: str = 'jax'
   mesh: Any = None
 
   @nn.compact
   def __call__(self, x, key_valid):
     x = constrain(x, ('batch', 'length', 'embed'), self.mesh)
     dot_general = dot_general_for(self.matmul)
-    x = x + Attention(self.heads, self.dtype, self.matmul, self.mesh, name='attention')(
+    x = x + Attention(self.heads, self.dtype, self.matmul, self.attention, self.mesh,
+                      name='attention')(
         layer_norm('ln_attention', self.dtype)(x), key_valid)
     h = layer_norm('ln_mlp', self.dtype)(x)
     h = nn.Dense(self.mlp_dim, dtype=self.dtype, name='mlp_in', dot_general=dot_general,
@@ -223,6 +259,7 @@ class Encoder(nn.Module):
   remat: str = 'none'
   scan: bool = False
   matmul: str = 'float32'
+  attention: str = 'jax'
   mesh: Any = None
 
   @nn.compact
@@ -237,9 +274,9 @@ class Encoder(nn.Module):
                       in_axes=nn.broadcast, length=self.layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
       x, _ = stack(self.heads, self.mlp_dim, self.dtype, scanned=True, matmul=self.matmul,
-                   mesh=self.mesh, name='blocks')(x, key_valid)
+                   attention=self.attention, mesh=self.mesh, name='blocks')(x, key_valid)
     else:
       for i in range(self.layers):
-        x = block(self.heads, self.mlp_dim, self.dtype, matmul=self.matmul, mesh=self.mesh,
-                  name=f'block_{i}')(x, key_valid)
+        x = block(self.heads, self.mlp_dim, self.dtype, matmul=self.matmul,
+                  attention=self.attention, mesh=self.mesh, name=f'block_{i}')(x, key_valid)
     return layer_norm('ln_final', self.dtype)(x)

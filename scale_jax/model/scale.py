@@ -45,8 +45,9 @@ class Scale(nn.Module):
     dims = {k: specs[k].patch_dim(c[k]) for k in self.modalities if not specs[k].discrete}
     matmul = m.get('matmul', 'float32')  # configs saved before the field existed: float32
     dot_general = dot_general_for(matmul)  # of every Dense here and in the encoders
+    attention = m.get('attention', 'jax')  # of every block (configs saved before it: 'jax')
     encoder = lambda k: Encoder(m.encoder_layers, *encoder_shape(m, k), self.dtype, m.remat,
-                                m.scan_layers, matmul, self.mesh)
+                                m.scan_layers, matmul, attention, self.mesh)
     owner = {k: k for k in self.modalities}  # whose encoder each modality runs through
     for switch, (a, b) in SHARED_ENCODERS.items():
       if m[switch] and a in owner and b in owner:
@@ -75,7 +76,7 @@ class Scale(nn.Module):
                                ('modality', 'embed'))
     if m.joint_layers:
       self.joint = Encoder(m.joint_layers, m.heads, m.mlp_dim, self.dtype, m.remat, m.scan_layers,
-                           matmul, self.mesh)
+                           matmul, attention, self.mesh)
     predicted = modalities.masked(c)  # only the masked modalities get a head
     if any(specs[k].discrete for k in predicted):
       self.token_head = nn.Sequential([
