@@ -24,7 +24,7 @@ def _model_problems(m) -> list:
              'dtype': ('float32', 'bfloat16')}
   for field, allowed in choices.items():
     if field in ('matmul', 'attention') and field not in m:
-      continue  # a run saved before the field existed: the model takes the first choice
+      continue  # a run saved before the field existed: the model takes 'float32', 'jax'
     if m[field] not in allowed:
       problems.append(f'config.model.{field}={m[field]!r}: one of {", ".join(allowed)}')
   return problems

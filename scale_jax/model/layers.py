@@ -155,8 +155,8 @@ def constrain(x, logical_axes, mesh):
 # 'jax' is jax.nn.dot_product_attention, whose einsums take q, k and v as [batch, length, heads,
 # head_dim]. 'heads_major' is the same arithmetic on [batch, heads, length, head_dim] copies, so
 # that every batched dot, forward and backward, has its batch axes leading: XLA:CPU then writes
-# fewer layout copies around them (the whole clip_peer step 1.05x in f32 and 1.16x with
-# bf16_operands on AMD Zen 5, docs/benchmarks.md). Same outputs and gradients to rounding
+# fewer layout copies around them (on AMD Zen 5 the whole clip_peer step 1.06x to 1.11x with
+# bf16_operands, about level in f32: docs/benchmarks.md). Same outputs and gradients to rounding
 # (tests/test_attention.py). Choose per machine with benchmarks/train_step.py --compare.
 def jax_attention(q, k, v, key_valid):
   return jax.nn.dot_product_attention(q, k, v, mask=key_valid[:, None, None, :])
