@@ -79,3 +79,14 @@ def test_unknown_attention_is_refused_and_a_config_saved_without_one_takes_jax()
   del config.model['attention']  # as in a config.json written before the field existed
   config_check.check(config)
   assert attention_for('jax') is jax_attention
+  # The model built from it computes exactly what an explicit 'jax' computes.
+  batch = modalities.random_batch(config, config.batch_size, np.random.default_rng(0))
+  explicit = config.copy_and_resolve_references()
+  explicit.model.attention = 'jax'
+  outputs = []
+  for c in (config, explicit):
+    model = build_model(c)
+    variables = jax.jit(model.init)(jax.random.key(0), batch)
+    outputs.append(jax.jit(model.apply)(variables, batch))
+  for a, b in zip(jax.tree.leaves(outputs[0]), jax.tree.leaves(outputs[1])):
+    np.testing.assert_array_equal(a, b)
