@@ -26,6 +26,7 @@ def rel_err(a, b):
 
 # (module kwargs, input shape): Dense on [B, L, D] and both DenseGeneral forms of Attention.
 LAYERS = [(dict(features=48), (2, 37, 32)),  # odd token count on purpose
+          (dict(features=16), (2, 37, 64)),  # narrower out than in: bf16 dW through dy^T
           (dict(features=(3, 4, 8)), (2, 37, 32)),  # qkv
           (dict(features=32, axis=(-2, -1)), (2, 37, 4, 8))]  # attention out
 

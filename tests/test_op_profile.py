@@ -50,14 +50,16 @@ def test_ops_fall_into_their_groups(op_name, has_dot, moves_only, kernel_grad, g
   assert op_profile.classify(op_name, has_dot, moves_only, kernel_grad) == group
 
 
-def test_a_fused_transpose_copy_is_a_layout_copy():
-  # bf16_operands' dW = x^T dy: the row-major x^T copy is a fusion of its own.
+@pytest.mark.parametrize('features,copies', [(96, [[64, 256]]),  # x^T
+                                              (32, [[32, 256], [64, 32]])])  # dy^T, dW
+def test_a_fused_transpose_copy_is_a_layout_copy(features, copies):
+  # bf16_operands' dW = x^T dy (or (dy^T x)^T): each row-major copy is a fusion of its own.
   from scale_jax.model.layers import _bf16_matmul  # pylint: disable=import-outside-toplevel
-  grad = jax.grad(lambda x, w: jnp.tanh(_bf16_matmul(x, w)).sum(), argnums=1)
-  compiled = jax.jit(grad).lower(jnp.ones((256, 64)), jnp.ones((64, 32))).compile()
+  grad = jax.grad(lambda x, w: jnp.tanh(_bf16_matmul(x, w)).sum(), argnums=(0, 1))
+  compiled = jax.jit(grad).lower(jnp.ones((256, 64)), jnp.ones((64, features))).compile()
   hlo = op_profile.Hlo(compiled.as_text())
   fusions = [n for n, i in hlo.instructions.items() if i['opcode'] == 'fusion']
-  assert [hlo.instructions[n]['dims'] for n in fusions if hlo.moves_only(n)] == [[64, 256]], (
+  assert sorted(hlo.instructions[n]['dims'] for n in fusions if hlo.moves_only(n)) == copies, (
       compiled.as_text())
   tanh = [n for n in fusions if 'tanh' in {hlo.instructions[m]['opcode'] for m in hlo.inner(n)}]
   assert tanh and not any(hlo.moves_only(n) for n in tanh)
