@@ -82,6 +82,12 @@ class Hlo:
           calls=re.findall(r'(?:calls|to_apply|body|condition)=%([\w.\-]+)', rest),
           op_name=op_name.group(1).split(';')[0] if op_name else '')
       self.computations[computation].append(name)
+    # A fusion whose root XLA made itself (e.g. bf16_operands' transposed copies) has no op_name:
+    # name it after the last named op it runs, so that it is grouped by what it computes.
+    for name, i in self.instructions.items():
+      if not i['op_name'] and i['calls']:
+        i['op_name'] = next((self.instructions[n]['op_name'] for n in reversed(self.inner(name))
+                             if self.instructions[n]['op_name']), '')
 
   def inner(self, name):
     """The instructions a (fusion) instruction runs, itself included."""

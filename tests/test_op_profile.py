@@ -65,6 +65,24 @@ def test_a_fused_transpose_copy_is_a_layout_copy(features, copies):
   assert tanh and not any(hlo.moves_only(n) for n in tanh)
 
 
+def test_a_fusion_without_an_op_name_is_named_after_what_it_runs():
+  # Under jax.checkpoint XLA computes sin(x) again inside the x^T copy's fusion, whose root (the
+  # copy) carries no op_name: it is named after what it runs, not left to look like the optimizer.
+  from scale_jax.model.layers import _bf16_matmul  # pylint: disable=import-outside-toplevel
+  f = jax.checkpoint(lambda x, w: jnp.tanh(_bf16_matmul(jnp.sin(x), w)).sum(),
+                     policy=jax.checkpoint_policies.dots_saveable)
+  compiled = jax.jit(jax.grad(f, argnums=(0, 1))).lower(
+      jnp.ones((256, 64)), jnp.ones((64, 96))).compile()
+  hlo = op_profile.Hlo(compiled.as_text())
+  fused_copies = [n for n, i in hlo.instructions.items() if i['opcode'] == 'fusion' and
+                  {'sine', 'transpose'} <= {hlo.instructions[m]['opcode'] for m in hlo.inner(n)}]
+  assert fused_copies, compiled.as_text()
+  for n in fused_copies:
+    assert 'jvp(' in hlo.instructions[n]['op_name'], hlo.instructions[n]
+    assert op_profile.classify(hlo.instructions[n]['op_name'], False, hlo.moves_only(n),
+                               False) != 'optimizer and update'
+
+
 def test_profile_of_a_small_clip_step():
   config = clip_peer.get_config()
   config.batch_size = 8
