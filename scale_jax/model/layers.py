@@ -21,7 +21,7 @@ dense_init = nn.initializers.xavier_uniform()
 # row-major with the LHS contracted on its last axis (the RHS on either). Otherwise it upcasts the
 # operands to f32 (slower than plain f32), which is what autodiff's dW = x^T dy does. Hence a
 # custom VJP: dx = dy W^T is already in the fast form; dW needs a real row-major transposed copy
-# of x, or of dy (dW^T = dy^T x, then transposed: the fewer bytes to copy decide which).
+# of x, or of dy (dW^T = dy^T x, then transposed), whichever is narrower.
 def _dot(a, b, contract_b):
   """a [M, K] times b ([K, N] if contract_b == 0, [N, K] if 1), f32 accumulation and output."""
   return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
@@ -51,12 +51,12 @@ def _bf16_matmul_bwd(res, dy):
   xb, wb = res
   dyb = dy.astype(jnp.bfloat16)
   dx = _dot(dyb, wb, 1)  # dy [M, N] W^T: W [K, N] contracted on its last axis
-  (m, k), n = xb.shape, dyb.shape[1]
-  if m * n + 2 * k * n < m * k:  # bytes copied: dy^T (bf16) and dW^T (f32), against x^T (bf16)
-    # dW^T [N, K] = dy^T [N, M] x [M, K]. It also spares x a transposed copy fused with its
-    # producer, which XLA:CPU runs element by element: under remat that producer is the
-    # recomputed GELU of mlp_out's input, 4x slower fused than computed and then copied
-    # (docs/benchmarks.md). The barrier keeps XLA from folding the last transpose into the dot.
+  if dyb.shape[1] < xb.shape[1]:  # fewer output features than input ones, e.g. mlp_out
+    # dW^T [N, K] = dy^T [N, M] x [M, K], then transposed: dy (materialised, as dx reads it
+    # too) is the narrower copy, and x gets none. A transposed copy of x is fused with x's
+    # producer, which XLA:CPU then runs element by element: under remat that producer is the
+    # recomputed GELU, 4x slower fused than computed and then copied (docs/benchmarks.md).
+    # The barrier keeps XLA from folding the last transpose into the dot.
     dw_t = jax.lax.optimization_barrier(_dot(_row_major_transpose(dyb), xb, 0))
     dw = _row_major_transpose(dw_t)
   else:
