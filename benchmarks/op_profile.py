@@ -164,10 +164,21 @@ def wall_shares(intervals):
   return shares, busy
 
 
+def layer_kernel_sizes(params):
+  """The element counts of one layer's kernels: what a kernel gradient's dot outputs. A scanned
+  stack ('blocks') has the layers on a leading axis."""
+  sizes = set()
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    scanned = any(getattr(k, 'key', None) == 'blocks' for k in path)
+    if x.ndim >= 2 + scanned:
+      sizes.add(x.size // x.shape[0] if scanned else x.size)
+  return sizes
+
+
 def profile_ours(config, steps):
   compiled, state, batch, _, _ = timing.compile_step(config)
   hlo = Hlo(compiled.as_text())
-  kernel_sizes = {x.size for x in jax.tree.leaves(state.params) if x.ndim >= 2}
+  kernel_sizes = layer_kernel_sizes(state.params)
   trace_dir = tempfile.mkdtemp(prefix='op_profile_')
   jax.profiler.start_trace(trace_dir)
   t = time.perf_counter()

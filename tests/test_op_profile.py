@@ -93,6 +93,13 @@ def test_profile_of_a_small_clip_step():
   result = op_profile.profile_ours(config, steps=2)
   groups = result['groups']
   assert groups['matmul forward'] > 0 and groups['matmul backward dx'] > 0
+  assert groups['matmul backward dW'] > 0
   assert sum(groups.values()) == pytest.approx(result['busy_ms'])
   assert result['busy_ms'] <= result['wall_ms']
   assert set(groups) <= set(op_profile.GROUPS)
+
+
+def test_a_scanned_stack_counts_one_layers_kernels():
+  stack = {'blocks': {'mlp_in': {'kernel': jnp.ones((6, 32, 64)), 'bias': jnp.ones((6, 64))}},
+           'head': {'kernel': jnp.ones((32, 16)), 'bias': jnp.ones((16,))}}
+  assert op_profile.layer_kernel_sizes(stack) == {32 * 64, 32 * 16}
